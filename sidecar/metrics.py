@@ -1,0 +1,105 @@
+"""Every Prometheus metric the sidecar exports (CONTRACT §5), declared once.
+
+Metrics are built against an injected `CollectorRegistry` so tests can read exact values
+with `registry.get_sample_value(...)`. Label values come from config (route, service,
+endpoint addresses), never from raw request data, so cardinality stays bounded.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+BREAKER_STATES = ("closed", "open", "half_open")
+ENDPOINT_STATES = ("healthy", "unhealthy", "ejected")
+
+# Buckets from 1 ms to 30 s: a sidecar's requests span in-memory fail-fast to slow upstreams.
+DURATION_BUCKETS = (
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+)
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "sidecar_requests_total", "Requests answered to the app.",
+            ["route", "service", "code"], registry=r,
+        )
+        self.request_duration = Histogram(
+            "sidecar_request_duration_seconds", "Time from request to response head, and body.",
+            ["route", "service"], buckets=DURATION_BUCKETS, registry=r,
+        )
+        self.upstream_attempts = Counter(
+            "sidecar_upstream_attempts_total", "Attempts sent to an upstream endpoint.",
+            ["service", "endpoint", "result"], registry=r,
+        )
+        self.retries = Counter(
+            "sidecar_retries_total", "Retries made after a first attempt.",
+            ["route", "service"], registry=r,
+        )
+        self.retry_budget_exhausted = Counter(
+            "sidecar_retry_budget_exhausted_total", "Retries not made because the budget was spent.",
+            ["route", "service"], registry=r,
+        )
+        self.timeouts = Counter(
+            "sidecar_timeouts_total", "Timeouts hit, per-try or for the whole route.",
+            ["route", "service", "kind"], registry=r,
+        )
+        self.breaker_state = Gauge(
+            "sidecar_circuit_breaker_state", "1 for the breaker's current state, 0 for the others.",
+            ["service", "state"], registry=r,
+        )
+        self.breaker_transitions = Counter(
+            "sidecar_circuit_breaker_transitions_total", "Breaker state changes.",
+            ["service", "from_state", "to_state"], registry=r,
+        )
+        self.breaker_rejected = Counter(
+            "sidecar_circuit_breaker_rejected_total", "Requests refused by an open breaker.",
+            ["service"], registry=r,
+        )
+        self.overloaded = Counter(
+            "sidecar_overloaded_total", "Requests refused because max_requests were in flight.",
+            ["service"], registry=r,
+        )
+        self.in_flight = Gauge(
+            "sidecar_requests_in_flight", "Requests in flight to a service.",
+            ["service"], registry=r,
+        )
+        self.endpoints = Gauge(
+            "sidecar_endpoints", "Endpoints of a service by state.",
+            ["service", "state"], registry=r,
+        )
+        self.discovery_updates = Counter(
+            "sidecar_discovery_updates_total", "Discovery refreshes, by result.",
+            ["service", "result"], registry=r,
+        )
+        self.config_reloads = Counter(
+            "sidecar_config_reloads_total", "Config reloads, by result.",
+            ["result"], registry=r,
+        )
+        for result in ("success", "failure"):
+            self.config_reloads.labels(result)
+
+    def set_breaker_state(self, service: str, state: str) -> None:
+        for s in BREAKER_STATES:
+            self.breaker_state.labels(service, s).set(1 if s == state else 0)
+
+    def set_endpoint_counts(self, service: str, counts: dict[str, int]) -> None:
+        for s in ENDPOINT_STATES:
+            self.endpoints.labels(service, s).set(counts.get(s, 0))
+
+    def forget_service(self, service: str) -> None:
+        """Drop a removed service's per-service gauges so stale series do not linger."""
+        for s in BREAKER_STATES:
+            _remove(self.breaker_state, service, s)
+        for s in ENDPOINT_STATES:
+            _remove(self.endpoints, service, s)
+        _remove(self.in_flight, service)
+
+
+def _remove(metric: Gauge, *labels: str) -> None:
+    try:
+        metric.remove(*labels)
+    except KeyError:
+        pass
