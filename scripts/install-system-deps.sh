@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Installs the Debian packages a step needs, only when missing. Runs as root (or via sudo).
+#   test:  etcd, dnsmasq, prometheus/promtool  (real registries and a real Prometheus in tests)
+#   bench: wrk, haproxy, nginx                 (load generator and the comparison proxies)
+set -euo pipefail
+case "${1:-test}" in
+  test)  want=(etcd-server:etcd dnsmasq-base:dnsmasq prometheus:promtool) ;;
+  bench) want=(wrk:wrk haproxy:haproxy nginx-light:nginx util-linux:taskset) ;;
+  *) echo "usage: $0 test|bench" >&2; exit 2 ;;
+esac
+missing=()
+for pair in "${want[@]}"; do
+  pkg=${pair%%:*}; bin=${pair##*:}
+  command -v "$bin" >/dev/null 2>&1 || [ -x "/usr/sbin/$bin" ] || missing+=("$pkg")
+done
+[ ${#missing[@]} -eq 0 ] && exit 0
+SUDO=""
+[ "$(id -u)" -ne 0 ] && SUDO=sudo
+echo "installing Debian packages: ${missing[*]}"
+export DEBIAN_FRONTEND=noninteractive
+$SUDO apt-get update -qq
+$SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+# Debian starts services it installs; tests start their own on free ports instead.
+for svc in etcd prometheus nginx haproxy prometheus-node-exporter; do
+  if command -v systemctl >/dev/null 2>&1 && systemctl is-active --quiet "$svc" 2>/dev/null; then
+    $SUDO systemctl stop "$svc" || true
+  fi
+done

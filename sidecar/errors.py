@@ -1,0 +1,66 @@
+"""Responses the sidecar makes itself (CONTRACT §3): a JSON body and `x-sidecar-error`.
+
+The reason is the stable, documented part; `detail` is a human sentence that may change.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Final
+
+from aiohttp import web
+
+NO_ROUTE: Final = "no_route"
+CIRCUIT_OPEN: Final = "circuit_open"
+OVERLOADED: Final = "overloaded"
+NO_HEALTHY_UPSTREAM: Final = "no_healthy_upstream"
+UPSTREAM_UNREACHABLE: Final = "upstream_unreachable"
+UPSTREAM_RESET: Final = "upstream_reset"
+TIMEOUT: Final = "timeout"
+FAULT_INJECTED: Final = "fault_injected"
+BAD_REQUEST: Final = "bad_request"
+
+STATUS: Final = {
+    NO_ROUTE: 404,
+    CIRCUIT_OPEN: 503,
+    OVERLOADED: 503,
+    NO_HEALTHY_UPSTREAM: 503,
+    UPSTREAM_UNREACHABLE: 502,
+    UPSTREAM_RESET: 502,
+    TIMEOUT: 504,
+    BAD_REQUEST: 400,
+}
+
+
+def error_body(reason: str, route: str | None, service: str | None, detail: str | None) -> bytes:
+    return json.dumps(
+        {"error": reason, "route": route, "service": service, "detail": detail},
+        separators=(",", ":"),
+    ).encode()
+
+
+def error_response(
+    reason: str,
+    *,
+    route: str | None = None,
+    service: str | None = None,
+    detail: str | None = None,
+    status: int | None = None,
+    attempts: int = 0,
+    request_id: str | None = None,
+    retry_after: int | None = None,
+) -> web.Response:
+    headers = {
+        "Content-Type": "application/json",
+        "x-sidecar-error": reason,
+        "x-sidecar-attempts": str(attempts),
+    }
+    if request_id is not None:
+        headers["x-request-id"] = request_id
+    if retry_after is not None:
+        headers["Retry-After"] = str(retry_after)
+    return web.Response(
+        status=status if status is not None else STATUS[reason],
+        body=error_body(reason, route, service, detail),
+        headers=headers,
+    )

@@ -1,0 +1,419 @@
+"""The request path: one app request in, one response out.
+
+    parse target -> normalise path -> route -> overrides -> admission (max_requests)
+    -> fault injection -> request body -> attempts (resilience.retry.forward)
+    -> stream the response back, or answer with a sidecar error / fallback
+    -> metrics and one access-log line
+
+Everything per-request is looked up in the current `Runtime`, which a reload swaps
+atomically; a request keeps the generation it started with.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import uuid
+from typing import Any, Final
+
+import aiohttp
+from aiohttp import web
+from multidict import CIMultiDict
+
+from sidecar import errors
+from sidecar.config.model import FallbackConfig
+from sidecar.logs import AccessLog
+from sidecar.resilience.retry import Exchange, StreamedBody, forward
+from sidecar.routing import BadPath, normalize_path, rewrite
+from sidecar.runtime import RouteRuntime, Runtime
+from sidecar.upstream import CONNECT_ERROR, RESET, RESPONSE, request_headers, response_headers
+
+log = logging.getLogger("sidecar.proxy")
+
+# Responses up to this size are read whole and sent in one write: cheaper than streaming
+# for the common small reply, and still bounded memory.
+SMALL_BODY: Final = 64 * 1024
+MAX_REQUEST_ID: Final = 200
+NO_BODY_STATUSES: Final = frozenset({204, 304})
+
+
+class Proxy:
+    def __init__(
+        self, runtime: Runtime, session: aiohttp.ClientSession, access_log: AccessLog
+    ) -> None:
+        self.runtime = runtime
+        self.session = session
+        self.access_log = access_log
+        self.in_flight = 0  # all proxied requests, for draining
+        self.draining = False
+        self.completed = 0
+        self._idle: asyncio.Future[None] | None = None
+
+    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        self.in_flight += 1
+        entry: dict[str, Any] = {
+            "request_id": None,
+            "route": None,
+            "service": None,
+            "method": request.method,
+            "path": None,
+            "status": 0,
+            "attempts": 0,
+            "duration_ms": 0.0,
+            "error": None,
+        }
+        route: RouteRuntime | None = None
+        try:
+            response, route = await self._handle(request, entry, start)
+            entry["status"] = response.status
+            if self.draining:
+                # Tell keep-alive clients to reconnect elsewhere: this process is leaving.
+                response.force_close()
+            return response
+        finally:
+            self.in_flight -= 1
+            if self._idle is not None and self.in_flight == 0 and not self._idle.done():
+                self._idle.set_result(None)
+            duration = loop.time() - start
+            entry["duration_ms"] = round(duration * 1000, 3)
+            if route is not None:
+                route.count_request(entry["status"])
+                route.m_duration.observe(duration)
+            self.completed += 1
+            self.access_log.emit(entry)
+
+    async def wait_idle(self) -> None:
+        """Return once no proxied request is in flight (used while draining)."""
+        if self.in_flight == 0:
+            return
+        if self._idle is None or self._idle.done():
+            self._idle = asyncio.get_running_loop().create_future()
+        await asyncio.shield(self._idle)
+
+    async def _handle(
+        self, request: web.BaseRequest, entry: dict[str, Any], start: float
+    ) -> tuple[web.StreamResponse, RouteRuntime | None]:
+        headers = request.headers
+        rid = headers.get("x-request-id")
+        if not rid or len(rid) > MAX_REQUEST_ID:
+            rid = uuid.uuid4().hex
+        entry["request_id"] = rid
+        runtime = self.runtime
+
+        raw = request.raw_path
+        qpos = raw.find("?")
+        raw_path, query = (raw[:qpos], raw[qpos:]) if qpos >= 0 else (raw, "")
+        entry["path"] = raw_path[:2048]
+        method = request.method
+        if method == "CONNECT" or not raw_path.startswith("/"):
+            # Absolute-form and authority-form targets: never an open proxy or a tunnel.
+            return self._error(entry, errors.NO_ROUTE, rid, detail="no route for this target"), None
+        try:
+            path = normalize_path(raw_path)
+        except BadPath as exc:
+            return self._error(entry, errors.BAD_REQUEST, rid, detail=str(exc)), None
+        entry["path"] = path[:2048]
+
+        host = _host_without_port(headers.get("Host"))
+        route = runtime.route_for(path, method, host, headers)
+        if route is None:
+            return self._error(
+                entry, errors.NO_ROUTE, rid, detail=f"no route for {method} {path}"
+            ), None
+        service = route.service
+        entry["route"] = route.name
+        entry["service"] = service.name
+
+        timeout = route.config.timeout
+        max_retries = route.policy.max_retries
+        try:
+            timeout = _override(headers.get("x-sidecar-timeout-ms"), timeout, 1000.0, positive=True)
+            max_retries = int(_override(headers.get("x-sidecar-max-retries"), max_retries, 1.0))
+        except ValueError as exc:
+            return self._error(entry, errors.BAD_REQUEST, rid, route, detail=str(exc)), route
+        deadline = start + timeout
+
+        if service.in_flight >= service.max_requests:
+            service.m_overloaded.inc()
+            return self._error(
+                entry,
+                errors.OVERLOADED,
+                rid,
+                route,
+                detail=f"{service.max_requests} requests already in flight to {service.name}",
+            ), route
+        service.in_flight += 1
+        service.m_in_flight.inc()
+        try:
+            return await self._proxy(
+                request, route, entry, rid, method, path, query, deadline, max_retries, host
+            ), route
+        finally:
+            service.in_flight -= 1
+            service.m_in_flight.dec()
+
+    async def _proxy(
+        self,
+        request: web.BaseRequest,
+        route: RouteRuntime,
+        entry: dict[str, Any],
+        rid: str,
+        method: str,
+        path: str,
+        query: str,
+        deadline: float,
+        max_retries: int,
+        host: str | None,
+    ) -> web.StreamResponse:
+        fault = route.fault
+        if fault is not None:
+            delay = fault.delay()
+            if delay is not None:
+                await asyncio.sleep(delay)
+            status = fault.abort()
+            if status is not None:
+                return self._error(
+                    entry,
+                    errors.FAULT_INJECTED,
+                    rid,
+                    route,
+                    status=status,
+                    detail="aborted by fault injection",
+                )
+
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(max(0.0, deadline - loop.time())):
+                body = await self._request_body(request, route, max_retries)
+        except TimeoutError:
+            route.count_timeout("route")
+            return self._error(
+                entry,
+                errors.TIMEOUT,
+                rid,
+                route,
+                detail="request body not received before the route timeout",
+            )
+
+        upstream_headers = request_headers(
+            request.headers,
+            request_id=rid,
+            client_ip=request.remote,
+        )
+        ex = Exchange(
+            method=method,
+            path_qs=rewrite(path, route.config) + query,
+            headers=upstream_headers,
+            body=body,
+            deadline=deadline,
+            max_retries=max_retries,
+            host_header=_forwardable_host(host, request.headers.get("Host")),
+        )
+        await forward(ex, route, self.session)
+        entry["attempts"] = ex.attempts
+        attempt = ex.last
+
+        if attempt is None or attempt.kind != RESPONSE:
+            return self._failure(entry, rid, route, ex)
+        assert attempt.response is not None
+        return await self._relay(request, attempt.response, ex.attempts, rid, entry, route)
+
+    async def _request_body(
+        self, request: web.BaseRequest, route: RouteRuntime, max_retries: int
+    ) -> bytes | StreamedBody | None:
+        if not request.body_exists:
+            return None
+        content = request.content
+        length = request.content_length
+        limit = route.config.retries.max_body_bytes
+        if max_retries == 0 or (length is not None and length > limit):
+            return StreamedBody(content)
+        if length is not None:
+            return await content.readexactly(length)
+        # Chunked: buffer up to the limit; past it, send what was read and stream the rest.
+        buf = bytearray()
+        while len(buf) <= limit:
+            chunk = await content.readany()
+            if not chunk:
+                return bytes(buf)
+            buf += chunk
+        return StreamedBody(content, prefix=bytes(buf))
+
+    async def _relay(
+        self,
+        request: web.BaseRequest,
+        upstream: aiohttp.ClientResponse,
+        attempts: int,
+        rid: str,
+        entry: dict[str, Any],
+        route: RouteRuntime,
+    ) -> web.StreamResponse:
+        headers = response_headers(upstream.headers)
+        headers["x-sidecar-attempts"] = str(attempts)
+        headers["x-request-id"] = rid
+        status = upstream.status
+        length = upstream.content_length
+        bodyless = request.method == "HEAD" or status in NO_BODY_STATUSES
+        try:
+            if bodyless or (length is not None and length <= SMALL_BODY):
+                try:
+                    body = await upstream.read()
+                except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+                    # Nothing went to the app yet, so it can still get a clean 502.
+                    return self._error(
+                        entry,
+                        errors.UPSTREAM_RESET,
+                        rid,
+                        route,
+                        attempts=attempts,
+                        detail=f"response body broke: {exc}",
+                    )
+                if bodyless:
+                    # Keep the upstream's Content-Length (a HEAD's describes the GET body).
+                    response = web.StreamResponse(
+                        status=status, reason=upstream.reason, headers=headers
+                    )
+                    return response
+                headers.popall("Content-Length", None)
+                return web.Response(
+                    status=status, reason=upstream.reason, body=body, headers=headers
+                )
+            response = web.StreamResponse(status=status, reason=upstream.reason, headers=headers)
+            await response.prepare(request)
+            try:
+                async for chunk in upstream.content.iter_any():
+                    await response.write(chunk)
+            except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+                # The head is out: the only honest signal left is to cut the connection,
+                # so the app cannot take a truncated body for a whole one.
+                entry["error"] = errors.UPSTREAM_RESET
+                log.warning(
+                    "upstream of %s broke mid-response (request %s): %r",
+                    route.service_name,
+                    rid,
+                    exc,
+                )
+                if request.transport is not None:
+                    request.transport.abort()
+                return response
+            await response.write_eof()
+            return response
+        finally:
+            upstream.release()
+
+    def _failure(
+        self, entry: dict[str, Any], rid: str, route: RouteRuntime, ex: Exchange
+    ) -> web.StreamResponse:
+        attempt = ex.last
+        if attempt is None:
+            reason = ex.refused or errors.NO_HEALTHY_UPSTREAM
+            fallback = route.config.fallback
+            if fallback is not None:
+                entry["error"] = reason
+                return _fallback_response(fallback, rid, ex.attempts, reason)
+            if reason == errors.CIRCUIT_OPEN:
+                retry_after = max(1, math.ceil(ex.retry_after or 0))
+                return self._error(
+                    entry,
+                    reason,
+                    rid,
+                    route,
+                    retry_after=retry_after,
+                    detail=f"circuit breaker for {route.service_name} is open",
+                )
+            if ex.deadline <= asyncio.get_running_loop().time():
+                return self._error(
+                    entry,
+                    errors.TIMEOUT,
+                    rid,
+                    route,
+                    detail="route timeout reached before an attempt",
+                )
+            return self._error(
+                entry, reason, rid, route, detail=f"no healthy endpoint for {route.service_name}"
+            )
+        if attempt.kind == CONNECT_ERROR:
+            reason = errors.UPSTREAM_UNREACHABLE
+        elif attempt.kind == RESET:
+            reason = errors.UPSTREAM_RESET
+        else:
+            reason = errors.TIMEOUT
+        return self._error(entry, reason, rid, route, attempts=ex.attempts, detail=attempt.detail)
+
+    def _error(
+        self,
+        entry: dict[str, Any],
+        reason: str,
+        rid: str,
+        route: RouteRuntime | None = None,
+        *,
+        detail: str | None = None,
+        status: int | None = None,
+        attempts: int | None = None,
+        retry_after: int | None = None,
+    ) -> web.Response:
+        entry["error"] = reason
+        return errors.error_response(
+            reason,
+            route=route.name if route else None,
+            service=route.service_name if route else None,
+            detail=detail,
+            status=status,
+            attempts=attempts if attempts is not None else entry["attempts"],
+            request_id=rid,
+            retry_after=retry_after,
+        )
+
+
+def _fallback_response(
+    fallback: FallbackConfig, rid: str, attempts: int, reason: str
+) -> web.Response:
+    headers: CIMultiDict[str] = CIMultiDict(fallback.headers)
+    headers["x-sidecar-attempts"] = str(attempts)
+    headers["x-sidecar-fallback"] = reason
+    headers["x-request-id"] = rid
+    return web.Response(status=fallback.status, body=fallback.body, headers=headers)
+
+
+def _override(value: str | None, configured: float, scale: float, positive: bool = False) -> float:
+    """A per-request override header: may only lower the configured value."""
+    if value is None:
+        return configured
+    text = value.strip()
+    if not text.isascii() or not text.isdigit() or len(text) > 12:
+        raise ValueError(f"override header must be a whole number, got {value[:40]!r}")
+    number = int(text)
+    if positive and number == 0:
+        raise ValueError("x-sidecar-timeout-ms must be > 0")
+    return min(configured, number / scale)
+
+
+def _host_without_port(host: str | None) -> str | None:
+    if not host:
+        return None
+    if host.startswith("["):
+        end = host.find("]")
+        return host[: end + 1].lower() if end > 0 else host.lower()
+    colon = host.rfind(":")
+    return (host[:colon] if colon >= 0 else host).lower()
+
+
+def _forwardable_host(host: str | None, raw: str | None) -> str | None:
+    """The Host header to send upstream, or None to use the endpoint's address.
+
+    Apps call the sidecar on loopback, so a Host of 127.0.0.1:15001 means nothing to the
+    upstream; a real name (routing on `host`, or a name the app used) is kept.
+    """
+    if host is None or raw is None:
+        return None
+    if host in ("localhost", "[::1]") or host.startswith("[") or _is_ipv4(host):
+        return None
+    return raw
+
+
+def _is_ipv4(host: str) -> bool:
+    parts = host.split(".")
+    return len(parts) == 4 and all(p.isdigit() for p in parts)

@@ -1,0 +1,270 @@
+"""The server's lifecycle, top to bottom: start, serve, reload, drain, stop.
+
+start:   build the runtime (clusters start discovery) -> open the admin listener ->
+         open the proxy listener -> register (if configured) -> ready
+serve:   SIGHUP or POST /admin/reload re-reads the config; a bad file changes nothing
+stop:    SIGTERM/SIGINT -> /readyz 503 -> deregister -> stop accepting -> finish
+         in-flight requests for up to `drain_timeout` -> close what is left ->
+         stop discovery and sessions -> close the admin listener -> exit 0
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import signal
+import time
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+from aiohttp.web_protocol import RequestHandler
+from aiohttp.web_request import BaseRequest
+from aiohttp.web_response import StreamResponse
+
+from sidecar import errors
+from sidecar.admin import build_admin_app
+from sidecar.config import ConfigError, SidecarConfig, load_config
+from sidecar.logs import AccessLog, LineWriter, setup_logging
+from sidecar.metrics import Metrics
+from sidecar.proxy import Proxy
+from sidecar.runtime import Runtime
+from sidecar.tasks import TaskOwner
+from sidecar.upstream import SKIP_AUTO_HEADERS
+
+log = logging.getLogger("sidecar.server")
+
+
+class _ProxyRequestHandler(RequestHandler):
+    """aiohttp's connection handler, answering unparsable requests in our error format."""
+
+    def handle_error(
+        self,
+        request: BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> StreamResponse:
+        if status >= 500:
+            return super().handle_error(request, status, exc, message)
+        # Hostile or broken input is routine for a proxy: one line, no traceback.
+        log.info("refused a malformed request from %s: %s", request.remote, message or exc)
+        response = errors.error_response(
+            errors.BAD_REQUEST, status=status, detail=(message or str(exc) or "")[:200]
+        )
+        response.force_close()
+        return response
+
+
+class _ProxyServer(web.Server):
+    def __call__(self) -> RequestHandler:
+        return _ProxyRequestHandler(self, loop=self._loop, **self._kwargs)
+
+
+class Sidecar:
+    """One running sidecar: listeners, runtime, reload and drain."""
+
+    def __init__(self, config: SidecarConfig, *, log_writer: LineWriter | None = None) -> None:
+        self.config = config
+        self.metrics = Metrics()
+        self.ready = False
+        self.draining = False
+        self.started_at = time.time()
+        self._log_writer = log_writer
+        self._runtime: Runtime | None = None
+        self._proxy: Proxy | None = None
+        self._session: aiohttp.ClientSession | None = None
+        self._proxy_runner: web.ServerRunner | None = None
+        self._admin_runner: web.AppRunner | None = None
+        self._reload_lock = asyncio.Lock()
+        self._stopping = asyncio.Event()
+        self.registration: Any = None
+
+    @property
+    def runtime(self) -> Runtime:
+        assert self._runtime is not None
+        return self._runtime
+
+    @property
+    def proxy(self) -> Proxy:
+        assert self._proxy is not None
+        return self._proxy
+
+    async def start(self) -> None:
+        config = self.config
+        self._session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(
+                limit=0, keepalive_timeout=30, enable_cleanup_closed=False
+            ),
+            auto_decompress=False,
+            skip_auto_headers=SKIP_AUTO_HEADERS,
+            cookie_jar=aiohttp.DummyCookieJar(),
+            timeout=aiohttp.ClientTimeout(total=None),
+        )
+        self._runtime = Runtime(config, self.metrics)
+        await self._runtime.start_new()
+        self._proxy = Proxy(self._runtime, self._session, AccessLog(self._log_writer))
+
+        self._admin_runner = web.AppRunner(build_admin_app(self), access_log=None)
+        await self._admin_runner.setup()
+        await web.TCPSite(
+            self._admin_runner, config.admin.host, config.admin.port, reuse_address=True
+        ).start()
+
+        server = _ProxyServer(self._proxy.handle, access_log=None)
+        self._proxy_runner = web.ServerRunner(server, shutdown_timeout=config.drain_timeout)
+        await self._proxy_runner.setup()
+        await web.TCPSite(
+            self._proxy_runner,
+            config.listen.host,
+            config.listen.port,
+            backlog=1024,
+            reuse_address=True,
+        ).start()
+
+        if config.register is not None:
+            from sidecar.registration import Registration
+
+            self.registration = Registration(config.register)
+            await self.registration.start()
+        self.ready = True
+        log.info(
+            "serving on %s, admin on %s",
+            config.listen,
+            config.admin,
+            extra={"fields": {"routes": len(config.routes), "services": len(config.services)}},
+        )
+
+    def request_stop(self) -> None:
+        self._stopping.set()
+
+    async def wait_stopped(self) -> None:
+        await self._stopping.wait()
+
+    async def stop(self) -> None:
+        """Drain and close everything; bounded by `drain_timeout` plus a little."""
+        self.draining = True
+        proxy = self._proxy
+        if proxy is not None:
+            proxy.draining = True
+        if self.registration is not None:
+            try:
+                await self.registration.deregister()
+            except Exception:
+                log.exception("deregistration failed")
+        runner = self._proxy_runner
+        if runner is not None:
+            for site in list(runner.sites):
+                await site.stop()  # closes the listening socket; connections stay
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + self.config.drain_timeout
+            if proxy is not None:
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(self.config.drain_timeout):
+                        await proxy.wait_idle()
+            if proxy is not None and proxy.in_flight:
+                log.warning("drain timeout: %d requests still in flight are cut", proxy.in_flight)
+            runner._shutdown_timeout = max(0.0, deadline - loop.time())
+            await runner.cleanup()
+        if self.registration is not None:
+            await self.registration.close()
+        if self._runtime is not None:
+            await self._runtime.close_all()
+        if self._session is not None:
+            await self._session.close()
+        if self._admin_runner is not None:
+            await self._admin_runner.cleanup()
+        log.info("stopped")
+
+    async def reload(self) -> dict[str, Any]:
+        """Re-read the config file; on any error keep serving the old config."""
+        async with self._reload_lock:
+            source = self.config.source
+            if source is None:
+                return self._reload_failed(["no config file to reload from"])
+            try:
+                new, warnings = await asyncio.to_thread(load_config, source)
+            except ConfigError as exc:
+                return self._reload_failed([str(p) for p in exc.problems])
+            except OSError as exc:
+                return self._reload_failed([f"{source}: {exc}"])
+            notes = [str(w) for w in warnings]
+            old = self.config
+            if new.listen != old.listen or new.admin != old.admin:
+                notes.append(
+                    "listen/admin address changes need a restart; still serving on "
+                    f"{old.listen} and {old.admin}"
+                )
+                new = dataclasses.replace(new, listen=old.listen, admin=old.admin)
+            previous = self.runtime
+            runtime = Runtime(new, self.metrics, previous=previous)
+            await runtime.start_new()
+            self.config = new
+            self._runtime = runtime
+            self.proxy.runtime = runtime
+            for svc in runtime.dropped_services:
+                await svc.close()
+                if svc.name not in runtime.services:
+                    self.metrics.forget_service(svc.name)
+            self.metrics.config_reloads.labels("success").inc()
+            kept = sorted(
+                set(previous.services)
+                & set(runtime.services) - {s.name for s in runtime.new_services}
+            )
+            log.info("config reloaded", extra={"fields": {"kept_services": kept, "notes": notes}})
+            return {"ok": True, "kept_services": kept, "warnings": notes}
+
+    def _reload_failed(self, problems: list[str]) -> dict[str, Any]:
+        self.metrics.config_reloads.labels("failure").inc()
+        log.error(
+            "config reload failed; keeping the old config", extra={"fields": {"problems": problems}}
+        )
+        return {"ok": False, "errors": problems}
+
+
+async def run(config: SidecarConfig, log_writer: LineWriter | None = None) -> int:
+    sidecar = Sidecar(config, log_writer=log_writer)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, sidecar.request_stop)
+    tasks = TaskOwner("server")
+
+    def on_sighup() -> None:
+        tasks.spawn(sidecar.reload(), "sighup-reload")
+
+    loop.add_signal_handler(signal.SIGHUP, on_sighup)
+    try:
+        try:
+            await sidecar.start()
+        except OSError as exc:
+            log.error("cannot start: %s", exc)
+            await sidecar.stop()
+            return 1
+        await sidecar.wait_stopped()
+        log.info("stopping: draining for up to %ss", config.drain_timeout)
+        await sidecar.stop()
+        return 0
+    finally:
+        await tasks.close()
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            loop.remove_signal_handler(sig)
+
+
+def new_event_loop() -> asyncio.AbstractEventLoop:
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a pinned dependency on Linux
+        return asyncio.new_event_loop()
+    loop: asyncio.AbstractEventLoop = uvloop.new_event_loop()
+    return loop
+
+
+def serve(config: SidecarConfig) -> int:
+    writer = setup_logging()
+    try:
+        with asyncio.Runner(loop_factory=new_event_loop) as runner:
+            return runner.run(run(config, writer))
+    finally:
+        writer.close()

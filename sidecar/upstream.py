@@ -1,0 +1,183 @@
+"""The upstream boundary: one attempt to one endpoint, and the header rules around it.
+
+aiohttp's client exceptions are mapped here, once, to the outcome kinds the rest of the
+sidecar reasons about (CONTRACT §5 `result` labels):
+
+    connect_error  the request never left: refused, unreachable, connect timeout
+    reset          the connection broke, or the upstream sent something that is not HTTP
+    timeout        the attempt's deadline passed before the response head arrived
+    response       a response head arrived (any status)
+
+`asyncio.CancelledError` is never mapped: it belongs to whoever cancelled us.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Final
+
+import aiohttp
+from multidict import CIMultiDict, CIMultiDictProxy
+from yarl import URL
+
+from sidecar.cluster import Endpoint
+
+HOP_BY_HOP: Final = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "proxy-connection",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "http2-settings",
+    }
+)
+# Our own per-request controls: consumed here, re-issued with our values.
+SIDECAR_REQUEST_HEADERS: Final = frozenset({"x-sidecar-timeout-ms", "x-sidecar-max-retries"})
+# The client must not add headers the app did not send (the session skips these).
+SKIP_AUTO_HEADERS: Final = frozenset({"User-Agent", "Accept", "Accept-Encoding", "Content-Type"})
+
+CONNECT_ERROR: Final = "connect_error"
+RESET: Final = "reset"
+TIMEOUT: Final = "timeout"
+RESPONSE: Final = "response"
+
+
+def _connection_listed(headers: CIMultiDictProxy[str]) -> frozenset[str]:
+    listed = headers.getall("Connection", ())
+    if not listed:
+        return frozenset()
+    return frozenset(t.strip().lower() for v in listed for t in v.split(",") if t.strip())
+
+
+def _drop(name: str, extra: frozenset[str]) -> bool:
+    lname = name.lower()
+    return lname in HOP_BY_HOP or lname.startswith("proxy-") or lname in extra
+
+
+def request_headers(
+    incoming: CIMultiDictProxy[str],
+    *,
+    request_id: str,
+    client_ip: str | None,
+) -> CIMultiDict[str]:
+    """Headers for the upstream request; Host and the per-attempt ones are set per attempt."""
+    extra = _connection_listed(incoming) | SIDECAR_REQUEST_HEADERS
+    out: CIMultiDict[str] = CIMultiDict()
+    original_host = None
+    xff = None
+    for name, value in incoming.items():
+        lname = name.lower()
+        if lname == "host":
+            original_host = value
+            continue
+        if lname == "x-forwarded-for":
+            xff = value if xff is None else f"{xff}, {value}"
+            continue
+        if lname in ("x-request-id", "x-forwarded-proto", "x-forwarded-host"):
+            continue
+        if _drop(lname, extra):
+            continue
+        out.add(name, value)
+    out["X-Request-Id"] = request_id
+    if client_ip:
+        out["X-Forwarded-For"] = f"{xff}, {client_ip}" if xff else client_ip
+    elif xff:
+        out["X-Forwarded-For"] = xff
+    out["X-Forwarded-Proto"] = "http"
+    if original_host:
+        out["X-Forwarded-Host"] = original_host
+    return out
+
+
+def response_headers(upstream: CIMultiDictProxy[str]) -> CIMultiDict[str]:
+    """The upstream's response headers minus hop-by-hop ones."""
+    extra = _connection_listed(upstream)
+    out: CIMultiDict[str] = CIMultiDict()
+    for name, value in upstream.items():
+        if not _drop(name, extra):
+            out.add(name, value)
+    return out
+
+
+class Attempt:
+    """What one attempt produced: a response head, or the kind of failure."""
+
+    __slots__ = ("detail", "endpoint", "kind", "response")
+
+    def __init__(
+        self,
+        kind: str,
+        endpoint: Endpoint,
+        response: aiohttp.ClientResponse | None = None,
+        detail: str | None = None,
+    ) -> None:
+        self.kind = kind
+        self.endpoint = endpoint
+        self.response = response
+        self.detail = detail
+
+    @property
+    def status(self) -> int:
+        return self.response.status if self.response is not None else 0
+
+    @property
+    def result_label(self) -> str:
+        """The `result` label of sidecar_upstream_attempts_total."""
+        if self.response is not None:
+            return f"{self.response.status // 100}xx"
+        return self.kind
+
+    def release(self) -> None:
+        if self.response is not None:
+            self.response.release()
+
+
+Body = bytes | AsyncIterator[bytes] | None
+
+
+async def send(
+    session: aiohttp.ClientSession,
+    endpoint: Endpoint,
+    method: str,
+    path_qs: str,
+    headers: CIMultiDict[str],
+    body: Body,
+    limit: float,
+    client_timeout: aiohttp.ClientTimeout,
+) -> Attempt:
+    """Send one attempt and wait for the response head, at most `limit` seconds."""
+    url = URL(f"http://{endpoint.key}{path_qs}", encoded=True)
+    try:
+        async with asyncio.timeout(limit):
+            response = await session.request(
+                method,
+                url,
+                headers=headers,
+                data=body,
+                allow_redirects=False,
+                timeout=client_timeout,
+            )
+    except TimeoutError:
+        return Attempt(TIMEOUT, endpoint, detail=f"no response within {limit * 1000:.0f}ms")
+    except aiohttp.ClientConnectorError as exc:
+        return Attempt(CONNECT_ERROR, endpoint, detail=_describe(exc))
+    except aiohttp.ConnectionTimeoutError:
+        return Attempt(CONNECT_ERROR, endpoint, detail="connect timeout")
+    except aiohttp.ServerTimeoutError as exc:  # a read timeout aiohttp raised itself
+        return Attempt(TIMEOUT, endpoint, detail=_describe(exc))
+    except (aiohttp.ClientError, OSError) as exc:
+        # Disconnects, ECONNRESET, and heads that do not parse as HTTP all mean the
+        # exchange broke after the connection was made.
+        return Attempt(RESET, endpoint, detail=_describe(exc))
+    return Attempt(RESPONSE, endpoint, response=response)
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc) or type(exc).__name__
+    return text if len(text) <= 200 else text[:197] + "..."

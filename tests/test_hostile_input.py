@@ -1,0 +1,150 @@
+"""CONTRACT §6: crafted requests get 400 and a closed connection; nothing reaches an upstream."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from tests.test_proxy import one_service
+
+
+async def raw_exchange(port: int, data: bytes) -> tuple[bytes, bool]:
+    """Send raw bytes; return what came back and whether the server closed the connection."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(data)
+    await writer.drain()
+    chunks = []
+    closed = False
+    try:
+        while True:
+            chunk = await asyncio.wait_for(reader.read(65536), 5)
+            if not chunk:
+                closed = True
+                break
+            chunks.append(chunk)
+    except TimeoutError:
+        pass
+    writer.close()
+    return b"".join(chunks), closed
+
+
+SMUGGLING = {
+    "cl_and_te": (
+        b"POST /api HTTP/1.1\r\nHost: a\r\nContent-Length: 4\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n"
+    ),
+    "two_content_lengths": (
+        b"POST /api HTTP/1.1\r\nHost: a\r\nContent-Length: 4\r\nContent-Length: 5\r\n\r\nabcde"
+    ),
+    "bad_content_length": b"POST /api HTTP/1.1\r\nHost: a\r\nContent-Length: 4x\r\n\r\nabcd",
+    "negative_content_length": b"POST /api HTTP/1.1\r\nHost: a\r\nContent-Length: -1\r\n\r\n",
+    "te_not_ending_in_chunked": (
+        b"POST /api HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked, gzip\r\n\r\n0\r\n\r\n"
+    ),
+    "te_identity": b"POST /api HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: identity\r\n\r\n",
+    "bad_chunk_size": (
+        b"POST /api HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nab\r\n0\r\n\r\n"
+    ),
+    "space_before_colon": b"GET /api HTTP/1.1\r\nHost: a\r\nContent-Length : 0\r\n\r\n",
+    "bare_lf_garbage": b"GET /api HTTP/1.1\nHost: a\n\x00\x01\n\n",
+    "not_http": b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + b"\x00" * 64,
+}
+
+
+@pytest.mark.parametrize("name", sorted(SMUGGLING))
+async def test_ambiguous_framing_is_refused(name, upstream, sidecar, client):
+    up = await upstream()
+    sc = await sidecar(one_service(up.address))
+    data, closed = await raw_exchange(sc.listen, SMUGGLING[name])
+    assert data.startswith(b"HTTP/1.1 400"), data[:200]
+    assert closed, "the connection must be closed after a framing error"
+    assert b"bad_request" in data
+    assert up.hits == 0
+    # The sidecar keeps serving others.
+    async with client.get(f"{sc.url}/api") as resp:
+        assert resp.status == 200
+
+
+async def test_oversized_head_is_refused_and_next_request_served(upstream, sidecar, client):
+    up = await upstream()
+    sc = await sidecar(one_service(up.address))
+    long_line = b"GET /api/" + b"a" * 100_000 + b" HTTP/1.1\r\nHost: a\r\n\r\n"
+    data, closed = await raw_exchange(sc.listen, long_line)
+    assert data.startswith((b"HTTP/1.1 400", b"HTTP/1.1 431", b"HTTP/1.1 414")), data[:100]
+    many = b"GET /api HTTP/1.1\r\n" + b"".join(b"X-H%d: v\r\n" % i for i in range(500)) + b"\r\n"
+    data, closed = await raw_exchange(sc.listen, many)
+    assert data.startswith((b"HTTP/1.1 400", b"HTTP/1.1 431")), data[:100]
+    huge_value = b"GET /api HTTP/1.1\r\nX-Big: " + b"v" * 100_000 + b"\r\n\r\n"
+    data, closed = await raw_exchange(sc.listen, huge_value)
+    assert data.startswith((b"HTTP/1.1 400", b"HTTP/1.1 431")), data[:100]
+    assert up.hits == 0
+    async with client.get(f"{sc.url}/api") as resp:
+        assert resp.status == 200
+
+
+async def test_slow_client_does_not_starve_others(upstream, sidecar, client):
+    up = await upstream()
+    sc = await sidecar(one_service(up.address))
+    slow = []
+    for _ in range(20):
+        reader, writer = await asyncio.open_connection("127.0.0.1", sc.listen)
+        writer.write(b"GET /api HTTP/1.1\r\nHost: a\r\nX-Slow: ")  # never finishes the head
+        await writer.drain()
+        slow.append(writer)
+    for _ in range(10):
+        async with client.get(f"{sc.url}/api") as resp:
+            assert resp.status == 200
+    for writer in slow:
+        writer.close()
+    assert up.hits == 10
+
+
+@pytest.mark.parametrize(
+    ("header", "value"),
+    [
+        ("x-sidecar-timeout-ms", "soon"),
+        ("x-sidecar-timeout-ms", "-5"),
+        ("x-sidecar-timeout-ms", "0"),
+        ("x-sidecar-timeout-ms", "1e9"),
+        ("x-sidecar-max-retries", "lots"),
+        ("x-sidecar-max-retries", "-1"),
+        ("x-sidecar-max-retries", "99999999999999999999"),
+    ],
+)
+async def test_garbage_override_headers_are_bad_request(header, value, upstream, sidecar, client):
+    up = await upstream()
+    sc = await sidecar(one_service(up.address))
+    async with client.get(f"{sc.url}/api", headers={header: value}) as resp:
+        assert resp.status == 400
+        assert resp.headers["x-sidecar-error"] == "bad_request"
+        assert (await resp.json())["error"] == "bad_request"
+    assert up.hits == 0
+
+
+async def test_override_headers_only_lower_the_configured_values(upstream, sidecar, client):
+    up = await upstream()
+    sc = await sidecar(one_service(up.address, route_extra="timeout: 2s"))
+    async with client.get(f"{sc.url}/api", headers={"x-sidecar-timeout-ms": "999999"}) as resp:
+        assert resp.status == 200
+    async with client.get(f"{sc.url}/api", headers={"x-sidecar-timeout-ms": "500"}) as resp:
+        assert resp.status == 200
+    first, second = (int(s.headers["x-sidecar-timeout-ms"]) for s in up.seen)
+    assert first <= 2000
+    assert second <= 500
+    assert "x-sidecar-max-retries" not in up.seen[0].headers
+
+
+async def test_h2c_upgrade_is_not_forwarded(upstream, sidecar):
+    up = await upstream()
+    sc = await sidecar(one_service(up.address))
+    data, _ = await raw_exchange(
+        sc.listen,
+        b"GET /api HTTP/1.1\r\nHost: a\r\nConnection: Upgrade, HTTP2-Settings\r\n"
+        b"Upgrade: h2c\r\nHTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n\r\n",
+    )
+    # Served as plain HTTP/1.1 (the upgrade is declined), never switched to a tunnel.
+    assert not data.startswith(b"HTTP/1.1 101")
+    for seen in up.seen:
+        assert "upgrade" not in seen.headers
+        assert "http2-settings" not in seen.headers
