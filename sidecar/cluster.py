@@ -1,52 +1,161 @@
 """A service's live endpoint set: discovery fills it, the balancer picks from it.
 
 The proxy sees only this seam: `pick()` an endpoint (avoiding ones already tried),
-`report()` how an attempt went, and `snapshot()` for /admin/state. Discovery sources,
-active health checks and outlier detection plug in behind it.
+`report()` how an attempt went, and `snapshot()` for /admin/state. Behind it:
+
+    discovery source  ->  Cluster.discovered() / discovery_failed()    (sidecar.discovery)
+    active checks     ->  Endpoint.healthy                              (sidecar.health)
+    report()          ->  Endpoint.ejected                              (sidecar.outlier)
+    pick()            ->  the configured balancer over available ones   (sidecar.balancer)
+
+An endpoint that stays across discovery updates keeps its object, and with it its
+in-flight count, health and ejection; a new address starts healthy. Every state change
+republishes `sidecar_endpoints{service,state}`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Collection
+import asyncio
+import logging
+import time
+from collections.abc import Collection, Sequence
 from typing import Any
 
+from sidecar.balancer import Balancer, make_balancer
 from sidecar.config.model import Address, ServiceConfig, StaticDiscovery
+from sidecar.discovery import DiscoverySource, make_source
+from sidecar.health import HealthChecker
 from sidecar.metrics import Metrics
+from sidecar.outlier import OutlierDetector
+from sidecar.tasks import TaskOwner
+
+log = logging.getLogger("sidecar.discovery")
+
+# How long start() waits for a dynamic source's first answer (success or failure), so a
+# service usually has endpoints before traffic arrives, without ever hanging start-up.
+FIRST_RESULT_TIMEOUT = 2.0
 
 
 class Endpoint:
-    __slots__ = ("address", "healthy", "in_flight", "key")
+    """One upstream address of a service and everything known about it."""
+
+    __slots__ = (
+        "address",
+        "ejected",
+        "ejections",
+        "failures",
+        "hc_fails",
+        "hc_passes",
+        "healthy",
+        "in_flight",
+        "key",
+        "returned_at",
+    )
 
     def __init__(self, address: Address) -> None:
         self.address = address
         self.key = str(address)  # the `endpoint` metric label and admin address
-        self.in_flight = 0
-        self.healthy = True
+        self.in_flight = 0  # maintained by the proxy around each attempt
+        self.healthy = True  # active health checks
+        self.hc_passes = 0
+        self.hc_fails = 0
+        self.ejected = False  # outlier detection
+        self.failures = 0  # consecutive failed attempts
+        self.ejections = 0  # how many times ejected (scales the ejection time)
+        self.returned_at: float | None = None  # monotonic time of the last return
 
     @property
     def state(self) -> str:
-        return "healthy" if self.healthy else "unhealthy"
+        # Unhealthy wins over ejected: it is the condition that outlasts the other.
+        if not self.healthy:
+            return "unhealthy"
+        if self.ejected:
+            return "ejected"
+        return "healthy"
 
     @property
     def available(self) -> bool:
-        return self.healthy
+        return self.healthy and not self.ejected
+
+    def __repr__(self) -> str:
+        return f"<Endpoint {self.key} {self.state} in_flight={self.in_flight}>"
 
 
 class Cluster:
-    def __init__(self, config: ServiceConfig, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        config: ServiceConfig,
+        metrics: Metrics,
+        *,
+        source: DiscoverySource | None = None,
+        balancer: Balancer | None = None,
+        first_result_timeout: float = FIRST_RESULT_TIMEOUT,
+    ) -> None:
         self.config = config
         self.name = config.name
         self._metrics = metrics
         self._endpoints: list[Endpoint] = []
-        self._rr = 0
+        self._by_address: dict[Address, Endpoint] = {}
+        self._owner = TaskOwner(f"cluster:{config.name}")
+        self._source = source if source is not None else make_source(config.discovery)
+        self._balancer = balancer if balancer is not None else make_balancer(config.load_balancer)
+        self._first_result = asyncio.Event()
+        self._first_result_timeout = first_result_timeout
+        self._started = False
+        self.last_update: float | None = None
+        self.last_error: str | None = None
+        self.last_error_at: float | None = None
+        self.consecutive_failures = 0
+        self._health: HealthChecker | None = None
+        if config.health_check is not None:
+            self._health = HealthChecker(
+                config.name, config.health_check, lambda: self._endpoints, self._publish
+            )
+        self._outlier: OutlierDetector | None = None
+        if config.outlier_detection is not None:
+            self._outlier = OutlierDetector(
+                config.name, config.outlier_detection, self._owner, self._publish
+            )
+        # Both result series exist from the start, so rate() and alerts see a zero.
+        metrics.discovery_updates.labels(config.name, "success")
+        metrics.discovery_updates.labels(config.name, "failure")
         if isinstance(config.discovery, StaticDiscovery):
-            self.set_addresses(config.discovery.endpoints)
+            # Applied now, so a static service can pick before (or without) start().
+            self.discovered(config.discovery.endpoints)
+        else:
+            self._publish()
+
+    # -- lifecycle ---------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Start discovery and health checking (none needed for static endpoints)."""
+        """Start discovery and health checking.
+
+        A static service returns at once. A dynamic one waits up to `first_result_timeout`
+        for the source's first answer (endpoints or an error) and then returns either way;
+        until endpoints arrive, `pick()` returns None.
+        """
+        if self._started:
+            return
+        self._started = True
+        if not isinstance(self.config.discovery, StaticDiscovery):
+            self._owner.spawn(self._source.run(self), name=f"discovery:{self._source.kind}")
+            try:
+                async with asyncio.timeout(self._first_result_timeout):
+                    await self._first_result.wait()
+            except TimeoutError:
+                log.warning(
+                    "service %s: no discovery result within %.3gs; starting without endpoints",
+                    self.name,
+                    self._first_result_timeout,
+                )
+        if self._health is not None:
+            self._owner.spawn(self._health.run(), name="health")
 
     async def close(self) -> None:
-        """Stop every background task this cluster owns."""
+        """Cancel and await every task (discovery, health checks, ejection timers)."""
+        await self._owner.close()
+
+    # -- discovery sink ------------------------------------------------------------------
 
     @property
     def endpoints(self) -> list[Endpoint]:
@@ -54,35 +163,97 @@ class Cluster:
 
     def set_addresses(self, addresses: Collection[Address]) -> None:
         """Replace the endpoint set, keeping the state of endpoints that stay."""
-        old = {e.address: e for e in self._endpoints}
-        self._endpoints = [old.get(a) or Endpoint(a) for a in dict.fromkeys(addresses)]
+        old = self._by_address
+        by_address: dict[Address, Endpoint] = {}
+        for address in addresses:
+            if address not in by_address:
+                by_address[address] = old.get(address) or Endpoint(address)
+        if self._outlier is not None:
+            for address, endpoint in old.items():
+                if address not in by_address:
+                    self._outlier.forget(endpoint)
+        # One assignment each: pick() never sees a half-built list.
+        self._by_address = by_address
+        self._endpoints = list(by_address.values())
         self._publish()
+
+    def discovered(self, addresses: Sequence[Address]) -> None:
+        """A source's complete new endpoint set (DiscoverySink)."""
+        before = set(self._by_address)
+        self.set_addresses(addresses)
+        after = set(self._by_address)
+        if before != after:
+            log.info(
+                "service %s: endpoints %s (+%d -%d)",
+                self.name,
+                [str(a) for a in addresses],
+                len(after - before),
+                len(before - after),
+            )
+        self.last_update = time.time()
+        self.last_error = None
+        self.consecutive_failures = 0
+        self._metrics.discovery_updates.labels(self.name, "success").inc()
+        self._first_result.set()
+
+    def discovery_failed(self, reason: str) -> None:
+        """A failed refresh; the last good endpoint set stays (DiscoverySink)."""
+        self.consecutive_failures += 1
+        if self.consecutive_failures == 1 or reason != self.last_error:
+            log.warning("service %s: discovery failed (keeping endpoints): %s", self.name, reason)
+        self.last_error = reason
+        self.last_error_at = time.time()
+        self._metrics.discovery_updates.labels(self.name, "failure").inc()
+        self._first_result.set()
+
+    # -- the proxy's hot path ------------------------------------------------------------
 
     def pick(self, exclude: Collection[Endpoint] = ()) -> Endpoint | None:
         """Choose an available endpoint, preferring one not in `exclude`."""
-        candidates = [e for e in self._endpoints if e.available]
-        if not candidates:
-            return None
-        if exclude:
-            fresh = [e for e in candidates if e not in exclude]
-            if fresh:
-                candidates = fresh
-        self._rr += 1
-        return candidates[self._rr % len(candidates)]
+        return self._balancer.pick(self._endpoints, exclude)
 
     def report(self, endpoint: Endpoint, ok: bool) -> None:
         """Record an attempt's outcome (feeds passive outlier detection)."""
+        if self._outlier is None:
+            return
+        # An endpoint discovery already removed is not ours to eject any more.
+        if self._by_address.get(endpoint.address) is not endpoint:
+            return
+        self._outlier.record(endpoint, ok, self._endpoints)
+
+    # -- observability -------------------------------------------------------------------
+
+    def counts(self) -> dict[str, int]:
+        counts = {"healthy": 0, "unhealthy": 0, "ejected": 0}
+        for e in self._endpoints:
+            counts[e.state] += 1
+        return counts
 
     def _publish(self) -> None:
-        counts: dict[str, int] = {}
-        for e in self._endpoints:
-            counts[e.state] = counts.get(e.state, 0) + 1
-        self._metrics.set_endpoint_counts(self.name, counts)
+        self._metrics.set_endpoint_counts(self.name, self.counts())
 
     def snapshot(self) -> dict[str, Any]:
+        discovery: dict[str, Any] = {
+            "source": self._source.kind,
+            "last_update": self.last_update,
+            "last_error": self.last_error,
+            "last_error_at": self.last_error_at,
+            "consecutive_failures": self.consecutive_failures,
+        }
+        discovery.update(self._source.describe())
         return {
             "endpoints": [
-                {"address": e.key, "state": e.state, "in_flight": e.in_flight}
+                {
+                    "address": e.key,
+                    "state": e.state,
+                    "in_flight": e.in_flight,
+                    "ejections": e.ejections,
+                }
                 for e in self._endpoints
             ],
+            "endpoint_counts": self.counts(),
+            "discovery": discovery,
+            "load_balancer": self.config.load_balancer,
+            "health_check": self._health is not None,
+            "outlier_detection": self._outlier is not None,
         }

@@ -1,0 +1,93 @@
+"""Active health checks: GET `path` on every endpoint of a service, every `interval`.
+
+A 2xx answer within `timeout` passes; anything else (another status, a connect error, a
+reset, a timeout) fails. A healthy endpoint turns unhealthy after `unhealthy_threshold`
+failures in a row, and back after `healthy_threshold` passes in a row. New endpoints start
+healthy, so a fresh discovery result takes traffic at once.
+
+The checker has its own ClientSession (never the proxy's), with keep-alive off: each
+check opens a new connection, so it also proves the endpoint still accepts them. Each
+round checks every endpoint concurrently, then sleeps `interval`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
+
+import aiohttp
+
+from sidecar.config.model import HealthCheckConfig
+
+if TYPE_CHECKING:
+    from sidecar.cluster import Endpoint
+
+log = logging.getLogger("sidecar.health")
+
+
+class HealthChecker:
+    def __init__(
+        self,
+        service: str,
+        config: HealthCheckConfig,
+        endpoints: Callable[[], Sequence[Endpoint]],
+        changed: Callable[[], None],
+    ) -> None:
+        self.service = service
+        self.config = config
+        self._endpoints = endpoints
+        self._changed = changed
+        self.rounds = 0
+
+    async def run(self) -> None:
+        connector = aiohttp.TCPConnector(force_close=True)
+        timeout = aiohttp.ClientTimeout(total=self.config.timeout)
+        async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+            while True:
+                endpoints = list(self._endpoints())
+                results = await asyncio.gather(*(self._probe(session, e) for e in endpoints))
+                changed = False
+                for endpoint, ok in zip(endpoints, results, strict=True):
+                    changed |= self.record(endpoint, ok)
+                self.rounds += 1
+                if changed:
+                    self._changed()
+                await asyncio.sleep(self.config.interval)
+
+    async def _probe(self, session: aiohttp.ClientSession, endpoint: Endpoint) -> bool:
+        url = f"http://{endpoint.key}{self.config.path}"
+        try:
+            async with asyncio.timeout(self.config.timeout):
+                async with session.get(url, allow_redirects=False) as resp:
+                    ok = 200 <= resp.status < 300
+                    if not ok:
+                        log.debug("health check %s: HTTP %d", url, resp.status)
+                    return ok
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            log.debug("health check %s: %r", url, exc)
+            return False
+
+    def record(self, endpoint: Endpoint, ok: bool) -> bool:
+        """Count one check result; True when the endpoint's health flipped."""
+        if ok:
+            endpoint.hc_fails = 0
+            endpoint.hc_passes += 1
+            if not endpoint.healthy and endpoint.hc_passes >= self.config.healthy_threshold:
+                endpoint.healthy = True
+                log.info("service %s: endpoint %s is healthy again", self.service, endpoint.key)
+                return True
+        else:
+            endpoint.hc_passes = 0
+            endpoint.hc_fails += 1
+            if endpoint.healthy and endpoint.hc_fails >= self.config.unhealthy_threshold:
+                endpoint.healthy = False
+                log.warning(
+                    "service %s: endpoint %s failed %d health checks in a row: unhealthy",
+                    self.service,
+                    endpoint.key,
+                    endpoint.hc_fails,
+                )
+                return True
+        return False
