@@ -22,7 +22,7 @@ import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -277,7 +277,6 @@ class ImageInstall:
     env: dict[str, str]
     healthcheck: list[str]
     config_in_image: str
-    logs: list[Path] = field(default_factory=list)
 
     def argv(self, config: Path) -> list[str]:
         exe = shutil.which(self.entrypoint[0], path=str(self.venv / "bin"))
@@ -890,6 +889,7 @@ def need_prometheus() -> Iterator[None]:
     yield
 
 
+@pytest.mark.slow
 @pytest.mark.external
 @pytest.mark.usefixtures("need_prometheus")
 async def test_prometheus_round_trip_reads_a_breaker_gauge(tmp_path: Path) -> None:
@@ -909,6 +909,7 @@ async def test_prometheus_round_trip_reads_a_breaker_gauge(tmp_path: Path) -> No
     assert result[0]["metric"]["job"] == "sidecar"
 
 
+@pytest.mark.slow
 @pytest.mark.external
 @pytest.mark.usefixtures("need_prometheus")
 async def test_dashboard_and_alert_queries_run_in_prometheus(tmp_path: Path) -> None:
