@@ -4,7 +4,7 @@
 #   bench: wrk, haproxy, nginx                 (load generator and the comparison proxies)
 set -euo pipefail
 case "${1:-test}" in
-  test)  want=(etcd-server:etcd dnsmasq-base:dnsmasq prometheus:promtool) ;;
+  test)  want=(etcd-server:etcd dnsmasq-base:dnsmasq prometheus:promtool wrk:wrk haproxy:haproxy) ;;
   bench) want=(wrk:wrk haproxy:haproxy nginx-light:nginx util-linux:taskset) ;;
   *) echo "usage: $0 test|bench" >&2; exit 2 ;;
 esac
