@@ -73,6 +73,52 @@ RETRY_KEYS = (
     "non_idempotent",
     "max_body_bytes",
 )
+DNS_KEYS = ("name", "port", "record", "refresh", "nameservers")
+FILE_KEYS = ("path",)
+ETCD_KEYS = ("endpoints", "prefix")
+HEALTH_CHECK_KEYS = ("path", "interval", "timeout", "unhealthy_threshold", "healthy_threshold")
+OUTLIER_KEYS = ("consecutive_failures", "ejection_time", "max_ejection_percent")
+BREAKER_KEYS = (
+    "failure_threshold",
+    "reset_timeout",
+    "success_threshold",
+    "half_open_max_requests",
+    "failure_status",
+)
+BACKOFF_KEYS = ("base", "max")
+BUDGET_KEYS = ("ratio", "min_per_second")
+FALLBACK_KEYS = ("status", "headers", "body")
+FAULT_KEYS = ("delay", "abort")
+DELAY_KEYS = ("percent", "duration")
+ABORT_KEYS = ("percent", "status")
+REGISTER_KEYS = ("etcd", "service", "address", "ttl", "health_check")
+REGISTER_HEALTH_KEYS = ("path", "interval")
+# Every mapping of the schema, by where it sits: the reference config and docs are tested
+# against this, so a new key cannot go undocumented.
+SCHEMA: dict[str, tuple[str, ...]] = {
+    "": TOP_KEYS,
+    "defaults": ROUTE_DEFAULT_KEYS + SERVICE_DEFAULT_KEYS,
+    "services.*": SERVICE_KEYS,
+    "services.*.discovery": DISCOVERY_KINDS,
+    "services.*.discovery.dns": DNS_KEYS,
+    "services.*.discovery.file": FILE_KEYS,
+    "services.*.discovery.etcd": ETCD_KEYS,
+    "services.*.health_check": HEALTH_CHECK_KEYS,
+    "services.*.outlier_detection": OUTLIER_KEYS,
+    "services.*.circuit_breaker": BREAKER_KEYS,
+    "routes[*]": ROUTE_KEYS,
+    "routes[*].match": MATCH_KEYS,
+    "routes[*].retries": RETRY_KEYS,
+    "routes[*].retries.backoff": BACKOFF_KEYS,
+    "routes[*].retries.budget": BUDGET_KEYS,
+    "routes[*].fallback": FALLBACK_KEYS,
+    "routes[*].fault": FAULT_KEYS,
+    "routes[*].fault.delay": DELAY_KEYS,
+    "routes[*].fault.abort": ABORT_KEYS,
+    "register": REGISTER_KEYS,
+    "register.etcd": ETCD_KEYS,
+    "register.health_check": REGISTER_HEALTH_KEYS,
+}
 LOAD_BALANCERS: tuple[LoadBalancerKind, ...] = ("round_robin", "least_request", "random")
 DNS_RECORDS: tuple[DnsRecord, ...] = ("A", "AAAA", "SRV")
 RETRY_SHORTHANDS: dict[str, frozenset[int]] = {
@@ -112,8 +158,9 @@ def _subset(m: YMap, keys: tuple[str, ...]) -> YMap:
 
 def build(root: YMap, r: Reader, base_dir: Path, source: Path | None) -> Built:
     r.where[""] = root
-    top = r.mapping(root, TOP_KEYS)
-    assert top is not None
+    # `x-...` keys are free for the user, e.g. to hold YAML anchors (as in docker compose).
+    top = YMap({k: e for k, e in root.entries.items() if not k.startswith("x-")}, root.pos, "")
+    r.mapping(top, TOP_KEYS)
     listen = r.field(top, "listen", "", r.address, _DEFAULT.listen)
     admin = r.field(top, "admin", "", r.address, _DEFAULT.admin)
     if _same_socket(listen, admin) and "admin" in top.entries:
@@ -171,18 +218,17 @@ def build(root: YMap, r: Reader, base_dir: Path, source: Path | None) -> Built:
                 continue
             merged = merge(own, route_defaults)
             r.where[eff] = merged
-            route = _route(r, i, merged, eff, declared)
-            if route is None:
-                continue
-            if route.name in first_use:
+            name = r.field(merged, "name", eff, lambda n: r.nonempty(n, lenient=True), str(i))
+            if name in first_use:
                 r.error(
                     r.spot(f"{eff}.name"),
-                    f"duplicate route name '{route.name}' (also used by {first_use[route.name]})",
+                    f"duplicate route name '{name}' (also used by {first_use[name]})",
                 )
-                continue
-            first_use[route.name] = eff
-            routes.append(route)
-            built.route_index.append(i)
+            first_use.setdefault(name, eff)
+            route = _route(r, name, merged, eff, declared)
+            if route is not None:
+                routes.append(route)
+                built.route_index.append(i)
 
     register = None
     node = r.child(top, "register", "")
@@ -331,7 +377,7 @@ def _static(r: Reader, node: YNode, eff: str) -> StaticDiscovery | None:
 
 
 def _dns(r: Reader, node: YNode, eff: str) -> DnsDiscovery | None:
-    m = r.mapping(node, ("name", "port", "record", "refresh", "nameservers"))
+    m = r.mapping(node, DNS_KEYS)
     if m is None:
         return None
 
@@ -380,7 +426,7 @@ def _dns(r: Reader, node: YNode, eff: str) -> DnsDiscovery | None:
 
 
 def _file(r: Reader, node: YNode, eff: str, base_dir: Path) -> FileDiscovery | None:
-    m = r.mapping(node, ("path",))
+    m = r.mapping(node, FILE_KEYS)
     if m is None:
         return None
     text = r.required(m, "path", eff, r.nonempty)
@@ -397,7 +443,7 @@ def _file(r: Reader, node: YNode, eff: str, base_dir: Path) -> FileDiscovery | N
 
 
 def _etcd(r: Reader, node: YNode, eff: str) -> EtcdDiscovery | None:
-    m = r.mapping(node, ("endpoints", "prefix"))
+    m = r.mapping(node, ETCD_KEYS)
     if m is None:
         return None
 
@@ -443,7 +489,7 @@ def _etcd(r: Reader, node: YNode, eff: str) -> EtcdDiscovery | None:
 
 
 def _health_check(r: Reader, node: YNode, eff: str) -> HealthCheckConfig | None:
-    m = r.mapping(node, ("path", "interval", "timeout", "unhealthy_threshold", "healthy_threshold"))
+    m = r.mapping(node, HEALTH_CHECK_KEYS)
     if m is None:
         return None
     d = HealthCheckConfig()
@@ -462,7 +508,7 @@ def _health_check(r: Reader, node: YNode, eff: str) -> HealthCheckConfig | None:
 
 
 def _outlier(r: Reader, node: YNode, eff: str) -> OutlierDetectionConfig | None:
-    m = r.mapping(node, ("consecutive_failures", "ejection_time", "max_ejection_percent"))
+    m = r.mapping(node, OUTLIER_KEYS)
     if m is None:
         return None
     d = OutlierDetectionConfig()
@@ -482,16 +528,7 @@ def _outlier(r: Reader, node: YNode, eff: str) -> OutlierDetectionConfig | None:
 
 
 def _breaker(r: Reader, node: YNode, eff: str) -> CircuitBreakerConfig | None:
-    m = r.mapping(
-        node,
-        (
-            "failure_threshold",
-            "reset_timeout",
-            "success_threshold",
-            "half_open_max_requests",
-            "failure_status",
-        ),
-    )
+    m = r.mapping(node, BREAKER_KEYS)
     if m is None:
         return None
     d = CircuitBreakerConfig()
@@ -524,8 +561,7 @@ def _route_settings(
     return timeout, retries, fallback, fault
 
 
-def _route(r: Reader, i: int, m: YMap, eff: str, services: list[str]) -> RouteConfig | None:
-    name = r.field(m, "name", eff, lambda n: r.nonempty(n, lenient=True), str(i))
+def _route(r: Reader, name: str, m: YMap, eff: str, services: list[str]) -> RouteConfig | None:
 
     def service_ref(n: YNode) -> str | None:
         value = r.string(n)
@@ -700,7 +736,7 @@ def _retries(r: Reader, node: YNode, eff: str) -> RetryConfig | None:
 
 
 def _backoff(r: Reader, node: YNode, eff: str) -> BackoffConfig | None:
-    m = r.mapping(node, ("base", "max"))
+    m = r.mapping(node, BACKOFF_KEYS)
     if m is None:
         return None
     d = BackoffConfig()
@@ -716,7 +752,7 @@ def _backoff(r: Reader, node: YNode, eff: str) -> BackoffConfig | None:
 
 
 def _budget(r: Reader, node: YNode, eff: str) -> BudgetConfig | None:
-    m = r.mapping(node, ("ratio", "min_per_second"))
+    m = r.mapping(node, BUDGET_KEYS)
     if m is None:
         return None
     d = BudgetConfig()
@@ -729,7 +765,7 @@ def _budget(r: Reader, node: YNode, eff: str) -> BudgetConfig | None:
 
 
 def _fallback(r: Reader, node: YNode, eff: str) -> FallbackConfig | None:
-    m = r.mapping(node, ("status", "headers", "body"))
+    m = r.mapping(node, FALLBACK_KEYS)
     if m is None:
         return None
 
@@ -745,7 +781,7 @@ def _fallback(r: Reader, node: YNode, eff: str) -> FallbackConfig | None:
 
 
 def _fault(r: Reader, node: YNode, eff: str) -> FaultConfig | None:
-    m = r.mapping(node, ("delay", "abort"))
+    m = r.mapping(node, FAULT_KEYS)
     if m is None:
         return None
 
@@ -753,7 +789,7 @@ def _fault(r: Reader, node: YNode, eff: str) -> FaultConfig | None:
         return r.number(n, lo=0, hi=100)
 
     def delay(n: YNode) -> FaultDelay | None:
-        dm = r.mapping(n, ("percent", "duration"))
+        dm = r.mapping(n, DELAY_KEYS)
         if dm is None:
             return None
         p = r.required(dm, "percent", f"{eff}.delay", percent)
@@ -761,7 +797,7 @@ def _fault(r: Reader, node: YNode, eff: str) -> FaultConfig | None:
         return None if p is None or d is None else FaultDelay(p, d)
 
     def abort(n: YNode) -> FaultAbort | None:
-        am = r.mapping(n, ("percent", "status"))
+        am = r.mapping(n, ABORT_KEYS)
         if am is None:
             return None
         p = r.required(am, "percent", f"{eff}.abort", percent)
@@ -782,12 +818,12 @@ def _fault(r: Reader, node: YNode, eff: str) -> FaultConfig | None:
 
 def _register(r: Reader, node: YNode) -> RegisterConfig | None:
     eff = "register"
-    m = r.mapping(node, ("etcd", "service", "address", "ttl", "health_check"))
+    m = r.mapping(node, REGISTER_KEYS)
     if m is None:
         return None
 
     def health(n: YNode) -> RegisterHealthCheck | None:
-        hm = r.mapping(n, ("path", "interval"))
+        hm = r.mapping(n, REGISTER_HEALTH_KEYS)
         if hm is None:
             return None
         d = RegisterHealthCheck()

@@ -224,7 +224,9 @@ def _yaml_message(err: yaml.YAMLError) -> tuple[str, Pos | None]:
         return str(err.problem), _pos(err.problem_mark)
     if isinstance(err, MarkedYAMLError):
         message = f"invalid YAML: {err.problem}"
-        if err.context:
+        if err.context and str(err.problem).startswith("but "):  # the composer's wording
+            message = f"invalid YAML: {err.context}, {err.problem}"
+        elif err.context:
             message += f" ({err.context}"
             cm, pm = err.context_mark, err.problem_mark
             if cm is not None and pm is not None and cm.line != pm.line:
