@@ -33,6 +33,12 @@ class RoundRobin:
 
     The cursor moves to just after the endpoint picked, so skipping an ejected endpoint
     does not hand its share to its neighbour: the remaining endpoints stay even.
+
+    A retry (a pick with `exclude`) takes the next endpoint after the cursor that was not
+    tried, but does not move the cursor: the rotation is over first attempts. Otherwise
+    a failing endpoint followed by a retry would push the cursor past its healthy
+    neighbour every time, and with two endpoints the failing one would get every first
+    attempt instead of half of them.
     """
 
     __slots__ = ("_next",)
@@ -53,14 +59,15 @@ class RoundRobin:
             e = endpoints[i]
             if not e.available:
                 continue
-            if exclude and e in exclude:
-                if fallback < 0:
-                    fallback = i
-                continue
+            if exclude:
+                if e in exclude:
+                    if fallback < 0:
+                        fallback = i
+                    continue
+                return e  # a retry: the rotation stays where it is
             self._next = i + 1
             return e
         if fallback >= 0:
-            self._next = fallback + 1
             return endpoints[fallback]
         return None
 

@@ -47,6 +47,7 @@ log = logging.getLogger("sidecar.registration")
 
 APP_CHECK_MAX_TIMEOUT = 2.0
 FIRST_ATTEMPT_TIMEOUT = 3.0
+RETRY_INTERVAL = 1.0  # between etcd attempts while etcd fails
 
 
 def default_instance_id() -> str:
@@ -119,38 +120,42 @@ class Registration:
     # -- the loop ------------------------------------------------------------------------
 
     async def _run(self) -> None:
-        assert self._client is not None and self._session is not None
+        assert self._session is not None
         check = self.config.health_check
-        keepalive_every = max(self.config.ttl / 3, 0.1)
-        now = time.monotonic()
-        next_check = now
-        next_keepalive = now + keepalive_every
+        next_check = next_etcd = time.monotonic()
         while not self._stopped:
             now = time.monotonic()
             if check is None:
                 self.app_healthy = True
             elif now >= next_check:
-                self.app_healthy = await self._check_app(self._session)
+                healthy = await self._check_app(self._session)
+                if healthy != self.app_healthy:
+                    next_etcd = now  # the app flipped: act on it at once
+                self.app_healthy = healthy
                 next_check = now + check.interval
-            try:
-                if self.app_healthy and self.lease is None:
-                    await self._register()
-                    next_keepalive = time.monotonic() + self._keepalive_interval()
-                elif self.app_healthy and now >= next_keepalive:
-                    await self._keepalive()
-                    next_keepalive = time.monotonic() + self._keepalive_interval()
-                elif not self.app_healthy and self.lease is not None:
-                    await self._revoke("the app's health check failed")
-                self.last_error = None
-            except EtcdError as exc:
-                if str(exc) != self.last_error:
-                    log.warning("registration of %s: %s", self.key, exc)
-                self.last_error = str(exc)
-                # Retry soon, but not in a tight loop.
-                next_keepalive = time.monotonic() + min(keepalive_every, 1.0)
+            if now >= next_etcd:
+                next_etcd = await self._sync_etcd()
             self._first_attempt.set()
-            wake = next_keepalive if check is None else min(next_check, next_keepalive)
+            wake = next_etcd if check is None else min(next_check, next_etcd)
             await asyncio.sleep(max(wake - time.monotonic(), 0.01))
+
+    async def _sync_etcd(self) -> float:
+        """Bring etcd in line with the app's health; returns when to act next."""
+        try:
+            if self.app_healthy and self.lease is None:
+                await self._register()
+            elif self.app_healthy:
+                await self._keepalive()
+            elif self.lease is not None:
+                await self._revoke("the app's health check failed")
+        except EtcdError as exc:
+            if str(exc) != self.last_error:
+                log.warning("registration of %s: %s", self.key, exc)
+            self.last_error = str(exc)
+            # Retry soon, but not in a tight loop.
+            return time.monotonic() + min(self._keepalive_interval(), RETRY_INTERVAL)
+        self.last_error = None
+        return time.monotonic() + self._keepalive_interval()
 
     def _keepalive_interval(self) -> float:
         ttl = self.granted_ttl or self.config.ttl

@@ -163,3 +163,26 @@ async def test_static_start_and_close_return_at_once() -> None:
     await c.start()
     assert c.pick() is not None
     await c.close()
+
+
+def test_round_robin_retries_do_not_move_the_rotation() -> None:
+    c = cluster("round_robin", FOUR[:2])
+    broken, good = c.endpoints
+    first_attempts: Counter[str] = Counter()
+    for _ in range(10):
+        first = c.pick()
+        assert first is not None
+        first_attempts[first.key] += 1
+        if first is broken:
+            assert c.pick([broken]) is good  # the retry goes to the other endpoint
+    # The failing endpoint still gets only its share of first attempts.
+    assert first_attempts == {broken.key: 5, good.key: 5}
+
+
+def test_round_robin_retry_takes_the_next_untried_endpoint() -> None:
+    c = cluster("round_robin")
+    a, b, d, e = c.endpoints
+    assert c.pick() is a
+    assert c.pick([a]) is b
+    assert c.pick([a, b]) is d
+    assert c.pick() is b  # first attempts carry on in order

@@ -168,3 +168,20 @@ def test_default_instance_id(monkeypatch: pytest.MonkeyPatch) -> None:
     assert default_instance_id() == f"{socket.gethostname()}-{os.getpid()}"
     monkeypatch.setenv("SIDECAR_INSTANCE_ID", "pod-7")
     assert default_instance_id() == "pod-7"
+
+
+async def test_a_lease_lost_behind_its_back_is_replaced(etcd: EtcdServer) -> None:
+    reg = Registration(register_config(etcd.url, Address("127.0.0.1", 8080)), instance_id="test-1")
+    try:
+        await reg.start()
+        kv = await etcd.get(KEY)
+        assert kv is not None
+        # Someone (an operator, or expiry during a long partition) kills the lease.
+        await etcd.acall("/v3/lease/revoke", {"ID": str(kv["lease"])})
+        assert await etcd.get(KEY) is None
+        # The next keep-alive (every ttl/3) finds the lease gone and registers anew.
+        await eventually(lambda: reg.lease not in (None, kv["lease"]), timeout=5)
+        again = await etcd.get(KEY)
+        assert again is not None and again["lease"] == reg.lease
+    finally:
+        await reg.close()

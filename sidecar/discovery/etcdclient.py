@@ -106,7 +106,17 @@ class EtcdClient:
                 last = f"{url}: {_describe(exc)}"
                 self._advance()
                 continue
-            data = _decode(text, url)
+            try:
+                data = _decode(text, url)
+            except EtcdError:
+                if status < 500:
+                    raise
+                data = {}
+            if status >= 500:
+                # This member cannot serve (no leader, shutting down): another may.
+                last = f"{url}: {_error_message(data, status)}"
+                self._advance()
+                continue
             if status != 200 or "error" in data:
                 raise EtcdError(f"{url}: {_error_message(data, status)}")
             return data
