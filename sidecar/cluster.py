@@ -34,6 +34,9 @@ log = logging.getLogger("sidecar.discovery")
 # How long start() waits for a dynamic source's first answer (success or failure), so a
 # service usually has endpoints before traffic arrives, without ever hanging start-up.
 FIRST_RESULT_TIMEOUT = 2.0
+# Back-off for restarting a crashed discovery source.
+RESTART_DELAY = 1.0
+MAX_RESTART_DELAY = 30.0
 
 
 class Endpoint:
@@ -138,7 +141,7 @@ class Cluster:
             return
         self._started = True
         if not isinstance(self.config.discovery, StaticDiscovery):
-            self._owner.spawn(self._source.run(self), name=f"discovery:{self._source.kind}")
+            self._owner.spawn(self._discover(), name=f"discovery:{self._source.kind}")
             try:
                 async with asyncio.timeout(self._first_result_timeout):
                     await self._first_result.wait()
@@ -149,7 +152,34 @@ class Cluster:
                     self._first_result_timeout,
                 )
         if self._health is not None:
-            self._owner.spawn(self._health.run(), name="health")
+            self._owner.spawn(self._check_health(self._health), name="health")
+
+    async def _discover(self) -> None:
+        """Run the source; if it crashes (a bug, a library surprise), count it and restart.
+
+        Sources handle their expected errors themselves; this keeps a service's discovery
+        alive through the unexpected ones instead of leaving it frozen without a word.
+        """
+        delay = RESTART_DELAY
+        while True:
+            try:
+                await self._source.run(self)
+                return
+            except Exception as exc:
+                log.exception("service %s: %s discovery crashed", self.name, self._source.kind)
+                self.discovery_failed(f"{self._source.kind} discovery crashed: {exc!r}")
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, MAX_RESTART_DELAY)
+
+    async def _check_health(self, checker: HealthChecker) -> None:
+        """Run the health checker, restarting it if it crashes (endpoint states stay)."""
+        while True:
+            try:
+                await checker.run()
+                return
+            except Exception:
+                log.exception("service %s: health checker crashed; restarting", self.name)
+            await asyncio.sleep(max(RESTART_DELAY, checker.config.interval))
 
     async def close(self) -> None:
         """Cancel and await every task (discovery, health checks, ejection timers)."""

@@ -154,6 +154,12 @@ class Registration:
             self.last_error = str(exc)
             # Retry soon, but not in a tight loop.
             return time.monotonic() + min(self._keepalive_interval(), RETRY_INTERVAL)
+        except Exception as exc:
+            # A bug or a surprising answer must not end the loop: the key would silently
+            # expire. Log it loudly and try again like any other failure.
+            log.exception("registration of %s: unexpected error", self.key)
+            self.last_error = f"unexpected error: {exc!r}"
+            return time.monotonic() + RETRY_INTERVAL
         self.last_error = None
         return time.monotonic() + self._keepalive_interval()
 

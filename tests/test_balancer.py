@@ -1,16 +1,20 @@
-"""Balancers over a cluster's endpoints: spread, preference, skipping, and the seam."""
+"""Balancers over a cluster's endpoints (spread, preference, skipping) and the Cluster seam."""
 
 from __future__ import annotations
 
+import asyncio
 import random
 from collections import Counter
+from pathlib import Path
+from typing import Any
 
 import pytest
-from support import addresses, endpoint_gauge, service
+from support import addresses, endpoint_gauge, eventually, service, updates
 
 from sidecar.balancer import LeastRequest, RandomBalancer, RoundRobin, make_balancer
 from sidecar.cluster import Cluster, Endpoint
-from sidecar.config.model import Address, LoadBalancerKind, StaticDiscovery
+from sidecar.config.model import Address, FileDiscovery, LoadBalancerKind, StaticDiscovery
+from sidecar.discovery import DiscoverySink
 from sidecar.metrics import Metrics
 
 FOUR = addresses("127.0.0.1:9001", "127.0.0.1:9002", "127.0.0.1:9003", "127.0.0.1:9004")
@@ -181,8 +185,48 @@ def test_round_robin_retries_do_not_move_the_rotation() -> None:
 
 def test_round_robin_retry_takes_the_next_untried_endpoint() -> None:
     c = cluster("round_robin")
-    a, b, d, e = c.endpoints
+    a, b, d, _ = c.endpoints
     assert c.pick() is a
     assert c.pick([a]) is b
     assert c.pick([a, b]) is d
     assert c.pick() is b  # first attempts carry on in order
+
+
+class CrashOnce:
+    """A discovery source (the DiscoverySource protocol) whose first run crashes."""
+
+    kind = "crashy"
+
+    def __init__(self) -> None:
+        self.runs = 0
+
+    async def run(self, sink: DiscoverySink) -> None:
+        self.runs += 1
+        if self.runs == 1:
+            raise RuntimeError("boom")
+        sink.discovered(FOUR[:1])
+        await asyncio.Event().wait()  # watch forever, like a real source
+
+    def describe(self) -> dict[str, Any]:
+        return {"runs": self.runs}
+
+
+async def test_a_crashed_source_is_counted_and_restarted() -> None:
+    metrics = Metrics()
+    source = CrashOnce()
+    c = Cluster(service(FileDiscovery(Path("/nonexistent"))), metrics, source=source)
+    try:
+        await c.start()
+        assert c.last_error == "crashy discovery crashed: RuntimeError('boom')"
+        assert updates(metrics, "failure") == 1
+        await eventually(lambda: [e.key for e in c.endpoints] == ["127.0.0.1:9001"])
+        assert c.snapshot()["discovery"] == {
+            "source": "crashy",
+            "last_update": c.last_update,
+            "last_error": None,
+            "last_error_at": c.last_error_at,
+            "consecutive_failures": 0,
+            "runs": 2,
+        }
+    finally:
+        await c.close()

@@ -128,13 +128,13 @@ class EtcdClient:
         data = await self.call(
             "/v3/kv/range", {"key": _b64(key), "range_end": _b64(prefix_range_end(key))}
         )
-        revision = int(data.get("header", {}).get("revision", 0))
+        revision = _int(data.get("header", {}).get("revision"))
         kvs = [
             KeyValue(
                 key=_unb64(kv.get("key")).decode("utf-8", "replace"),
                 value=_unb64(kv.get("value")),
-                mod_revision=int(kv.get("mod_revision", 0)),
-                lease=int(kv.get("lease", 0)),
+                mod_revision=_int(kv.get("mod_revision")),
+                lease=_int(kv.get("lease")),
             )
             for kv in data.get("kvs", [])
         ]
@@ -146,8 +146,8 @@ class EtcdClient:
             return KeyValue(
                 key=key,
                 value=_unb64(kv.get("value")),
-                mod_revision=int(kv.get("mod_revision", 0)),
-                lease=int(kv.get("lease", 0)),
+                mod_revision=_int(kv.get("mod_revision")),
+                lease=_int(kv.get("lease")),
             )
         return None
 
@@ -157,24 +157,27 @@ class EtcdClient:
         if lease:
             body["lease"] = str(lease)
         data = await self.call("/v3/kv/put", body)
-        return int(data.get("header", {}).get("revision", 0))
+        return _int(data.get("header", {}).get("revision"))
 
     async def delete(self, key: str) -> int:
         """Delete `key`; returns how many keys went (0 or 1)."""
         data = await self.call("/v3/kv/deleterange", {"key": _b64(key.encode())})
-        return int(data.get("deleted", 0))
+        return _int(data.get("deleted"))
 
     async def grant(self, ttl: int) -> tuple[int, int]:
         """A new lease: (id, granted ttl). etcd may raise a tiny ttl to its minimum."""
         data = await self.call("/v3/lease/grant", {"TTL": str(ttl)})
-        return int(data["ID"]), int(data.get("TTL", ttl))
+        lease = _int(data.get("ID"))
+        if not lease:
+            raise EtcdError(f"lease grant answered without an ID: {data!r:.200}")
+        return lease, _int(data.get("TTL", ttl))
 
     async def keepalive(self, lease: int) -> int:
         """Refresh a lease once; returns its new TTL, 0 when the lease no longer exists."""
         data = await self.call("/v3/lease/keepalive", {"ID": str(lease)})
         # The gateway wraps stream messages in "result"; an expired lease has no TTL.
         result = data.get("result", data)
-        return int(result.get("TTL", 0))
+        return _int(result.get("TTL"))
 
     async def revoke(self, lease: int) -> bool:
         """Revoke a lease (its keys go with it); False if it had already expired."""
@@ -307,6 +310,16 @@ def _watch_events(message: Any, url: str) -> list[WatchEvent]:
             )
         )
     return events
+
+
+def _int(value: Any) -> int:
+    """An int64 field (the gateway sends them as strings); absent means 0."""
+    if value is None:
+        return 0
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise EtcdError(f"expected an integer from etcd, got {value!r:.50}") from None
 
 
 def _decode(text: str, url: str) -> dict[str, Any]:
