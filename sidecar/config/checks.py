@@ -13,6 +13,7 @@ from sidecar.config.build import Built
 from sidecar.config.durations import format_duration as fmt
 from sidecar.config.model import MatchConfig, RetryConfig, RouteConfig, ServiceConfig
 from sidecar.config.reader import Reader, is_loopback
+from sidecar.config.yamlsafe import YMap
 
 
 def check(built: Built, r: Reader) -> None:
@@ -29,22 +30,10 @@ def check(built: Built, r: Reader) -> None:
             f"{cfg.listen} is reachable from other hosts, which can then call every configured "
             "service through the sidecar; keep it on 127.0.0.1 unless that is intended",
         )
-    if not cfg.routes and not r.failed:
-        r.warn(r.spot("routes"), "no routes are configured: every request gets 404 no_route")
     for name, service in cfg.services.items():
         _check_service(r, name, service)
-    used = {route.service for route in cfg.routes}
-    services_node = r.where.get("services")
-    for name in cfg.services:
-        if name not in used and cfg.routes and services_node is not None:
-            entry = getattr(services_node, "entries", {}).get(name)
-            if entry is not None:
-                r.report(
-                    entry.key_pos,
-                    f"services.{name}",
-                    f"service '{name}' is not used by any route",
-                    warning=True,
-                )
+    if not r.failed:  # with errors, routes and services may be missing from the model
+        _check_usage(r, built)
     for k, route in enumerate(cfg.routes):
         eff = f"routes[{built.route_index[k]}]"
         _check_route(r, eff, route, cfg.services.get(route.service))
@@ -59,6 +48,23 @@ def check(built: Built, r: Reader) -> None:
                     f"('{cfg.routes[j].name}') comes first and matches every request it would",
                 )
                 break
+
+
+def _check_usage(r: Reader, built: Built) -> None:
+    cfg = built.config
+    if not cfg.routes:
+        r.warn(r.spot("routes"), "no routes are configured: every request gets 404 no_route")
+        return
+    used = {route.service for route in cfg.routes}
+    services = r.where.get("services")
+    for name in cfg.services:
+        if name not in used and isinstance(services, YMap) and name in services.entries:
+            r.report(
+                services.entries[name].key_pos,
+                f"services.{name}",
+                f"service '{name}' is not used by any route",
+                warning=True,
+            )
 
 
 def _route_warn(

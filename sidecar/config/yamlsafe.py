@@ -135,16 +135,21 @@ class _BoundedComposer(Composer):
         super().__init__()
         self._depth = 0
         self._expanded = 0
+        self._aliased = False
         self._sizes: dict[int, int] = {}  # id(node) -> expanded size, once complete
 
-    def _count(self, n: int, mark: Any) -> None:
+    def _count(self, n: int, mark: Any, *, alias: bool = False) -> None:
         self._expanded += n
+        self._aliased = self._aliased or alias
         if self._expanded > MAX_NODES:
-            raise _LimitError(
-                problem=f"the document expands to more than {MAX_NODES} values "
-                "(aliases repeat their whole anchor; is this an alias bomb?)",
-                problem_mark=mark,
-            )
+            if self._aliased:
+                problem = (
+                    f"the document expands to more than {MAX_NODES} values "
+                    "(aliases repeat their whole anchor; is this an alias bomb?)"
+                )
+            else:
+                problem = f"the document has more than {MAX_NODES} values"
+            raise _LimitError(problem=problem, problem_mark=mark)
 
     def compose_node(self, parent: Node | None, index: int) -> Node | None:
         if self.check_event(AliasEvent):
@@ -159,7 +164,7 @@ class _BoundedComposer(Composer):
                         "contains it (recursive aliases are not allowed)",
                         problem_mark=event.start_mark,
                     )
-                self._count(size, event.start_mark)
+                self._count(size, event.start_mark, alias=True)
             return super().compose_node(parent, index)
         event = self.peek_event()
         mark = event.start_mark if event is not None else None
@@ -239,7 +244,7 @@ def _yaml_message(err: yaml.YAMLError) -> tuple[str, Pos | None]:
 def compose(text: str) -> Node | None:
     """Compose one YAML document to nodes within the limits; None for an empty document."""
     if len(text) > MAX_BYTES:
-        raise YamlProblem(f"file is too large ({len(text)} bytes; the limit is {MAX_BYTES})")
+        raise YamlProblem(f"the config is larger than the limit of {MAX_BYTES} characters")
     loader = _Loader(text)
     try:
         return loader.get_single_node()
