@@ -9,7 +9,6 @@ from typing import Any, Protocol
 from aiohttp import web
 from prometheus_client import exposition
 
-
 from sidecar.metrics import Metrics
 from sidecar.runtime import Runtime
 

@@ -73,6 +73,11 @@ class Proxy:
                 # Tell keep-alive clients to reconnect elsewhere: this process is leaving.
                 response.force_close()
             return response
+        except asyncio.CancelledError:
+            # The app hung up (or shutdown cut the request): nginx's 499 says exactly that.
+            entry["status"] = 499
+            entry["error"] = entry["error"] or "client_closed"
+            raise
         finally:
             self.in_flight -= 1
             if self._idle is not None and self.in_flight == 0 and not self._idle.done():
@@ -212,8 +217,10 @@ class Proxy:
             max_retries=max_retries,
             host_header=_forwardable_host(host, request.headers.get("Host")),
         )
-        await forward(ex, route, self.session)
-        entry["attempts"] = ex.attempts
+        try:
+            await forward(ex, route, self.session)
+        finally:
+            entry["attempts"] = ex.attempts
         attempt = ex.last
 
         if attempt is None or attempt.kind != RESPONSE:

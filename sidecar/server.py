@@ -51,9 +51,9 @@ class _ProxyRequestHandler(RequestHandler):
             return super().handle_error(request, status, exc, message)
         # Hostile or broken input is routine for a proxy: one line, no traceback.
         log.info("refused a malformed request from %s: %s", request.remote, message or exc)
-        response = errors.error_response(
-            errors.BAD_REQUEST, status=status, detail=(message or str(exc) or "")[:200]
-        )
+        # aiohttp's parser messages carry a caret diagram of the raw input: keep line one.
+        detail = (message or str(exc) or "malformed request").strip().splitlines()[0][:200]
+        response = errors.error_response(errors.BAD_REQUEST, status=status, detail=detail)
         response.force_close()
         return response
 
@@ -113,7 +113,9 @@ class Sidecar:
             self._admin_runner, config.admin.host, config.admin.port, reuse_address=True
         ).start()
 
-        server = _ProxyServer(self._proxy.handle, access_log=None)
+        # handler_cancellation: when the app hangs up, its request is cancelled at once, so
+        # the upstream call stops and the breaker does not count the abandoned attempt.
+        server = _ProxyServer(self._proxy.handle, handler_cancellation=True, access_log=None)
         self._proxy_runner = web.ServerRunner(server, shutdown_timeout=config.drain_timeout)
         await self._proxy_runner.setup()
         await web.TCPSite(
@@ -166,7 +168,8 @@ class Sidecar:
                         await proxy.wait_idle()
             if proxy is not None and proxy.in_flight:
                 log.warning("drain timeout: %d requests still in flight are cut", proxy.in_flight)
-            runner._shutdown_timeout = max(0.0, deadline - loop.time())
+            # What is left of the drain window; never 0, which aiohttp reads as "no limit".
+            runner._shutdown_timeout = max(0.05, deadline - loop.time())
             await runner.cleanup()
         if self.registration is not None:
             await self.registration.close()

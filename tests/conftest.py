@@ -13,10 +13,8 @@ import io
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
-import textwrap
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
@@ -26,19 +24,11 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
+from helpers import ROOT, free_port, sidecar_yaml
 
 from sidecar.config import load_config
 from sidecar.logs import LineWriter
 from sidecar.server import Sidecar
-
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
 
 # --------------------------------------------------------------------------- upstreams
 
@@ -98,7 +88,7 @@ async def upstream() -> AsyncIterator[Callable[..., Awaitable[Upstream]]]:
 
         app = web.Application(client_max_size=1024**3)
         app.router.add_route("*", "/{tail:.*}", recording)
-        runner = web.AppRunner(app, access_log=None)
+        runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
         await runner.setup()
         await web.TCPSite(runner, "127.0.0.1", port).start()
         up = Upstream(port, runner)
@@ -164,11 +154,6 @@ async def raw_upstream() -> AsyncIterator[Callable[[RawHandler], Awaitable[RawUp
             await asyncio.wait_for(raw.server.wait_closed(), 2)
 
 
-async def read_head(reader: asyncio.StreamReader) -> bytes:
-    """Read one HTTP request head from a raw connection."""
-    return await reader.readuntil(b"\r\n\r\n")
-
-
 # --------------------------------------------------------------------------- the sidecar
 
 
@@ -225,11 +210,6 @@ class RunningSidecar:
                 return lines
             await asyncio.sleep(0.01)
         return [e for e in self.capture.lines() if e.get("logger") == "sidecar.access"]
-
-
-def sidecar_yaml(body: str, listen: int, admin: int, drain: str = "2s") -> str:
-    head = f"listen: 127.0.0.1:{listen}\nadmin: 127.0.0.1:{admin}\ndrain_timeout: {drain}\n"
-    return head + textwrap.dedent(body)
 
 
 @pytest.fixture
@@ -309,17 +289,3 @@ def spawn() -> Iterator[Callable[..., Process]]:
         for stream in (p.proc.stdout, p.proc.stderr):
             if stream is not None:
                 stream.close()
-
-
-async def wait_http(url: str, status: int = 200, attempts: int = 200) -> None:
-    """Poll a URL until it answers with `status` (bounded)."""
-    async with aiohttp.ClientSession() as session:
-        for _ in range(attempts):
-            try:
-                async with session.get(url) as resp:
-                    if resp.status == status:
-                        return
-            except aiohttp.ClientError:
-                pass
-            await asyncio.sleep(0.05)
-    raise AssertionError(f"{url} never answered {status}")

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
+from helpers import one_service
 from prometheus_client.parser import text_string_to_metric_families
-
-from tests.test_proxy import one_service
 
 
 async def test_health_ready_state_and_config(upstream, sidecar, client):

@@ -4,26 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import io
 import os
 
 import aiohttp
 from aiohttp import web
-
-from tests.conftest import read_head
-
-
-def one_service(address: str, route_extra: str = "", service_extra: str = "") -> str:
-    return f"""
-    services:
-      api:
-        endpoints: ["{address}"]
-        {service_extra}
-    routes:
-      - name: api
-        match: {{ prefix: /api }}
-        service: api
-        {route_extra}
-    """
+from helpers import one_service, read_head
 
 
 async def test_forwards_method_path_query_headers_and_body(upstream, sidecar, client):
@@ -277,11 +263,13 @@ async def test_five_mib_bodies_both_ways_intact(upstream, sidecar, client):
 
     async def echo_hash(request: web.Request) -> web.StreamResponse:
         data = await request.read()
-        return web.Response(body=data[::-1], headers={"x-sha": hashlib.sha256(data).hexdigest()})
+        return web.Response(
+            body=io.BytesIO(data[::-1]), headers={"x-sha": hashlib.sha256(data).hexdigest()}
+        )
 
     up = await upstream(echo_hash, read_body=False)
     sc = await sidecar(one_service(up.address))
-    async with client.post(f"{sc.url}/api/upload", data=payload) as resp:
+    async with client.post(f"{sc.url}/api/upload", data=io.BytesIO(payload)) as resp:
         assert resp.status == 200
         assert resp.headers["x-sha"] == hashlib.sha256(payload).hexdigest()
         body = await resp.read()

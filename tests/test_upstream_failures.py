@@ -5,9 +5,7 @@ from __future__ import annotations
 import asyncio
 
 from aiohttp import web
-
-from tests.conftest import free_port, read_head
-from tests.test_proxy import one_service
+from helpers import free_port, one_service, read_head
 
 NO_RETRY = "retries: { max_retries: 0 }"
 
