@@ -14,6 +14,10 @@ SCALING_PATH = f"/svc{SCALING_ROUTES - 1:04d}"
 
 DEFAULT_RETRY_ON = ("connect-failure", "reset", "503")
 DEFAULT_RESET_TIMEOUT = "30s"  # the circuit breaker's default
+OUTLIER = (
+    "    outlier_detection: { consecutive_failures: 5, ejection_time: 30s, "
+    "max_ejection_percent: 50 }"
+)
 
 
 @dataclass(frozen=True)
@@ -25,6 +29,7 @@ class SidecarSpec:
     per_try_timeout: str | None = None
     retry_on: tuple[str, ...] = DEFAULT_RETRY_ON
     reset_timeout: str = DEFAULT_RESET_TIMEOUT
+    outlier: bool = False  # passive outlier detection (a variant in two resilience scenarios)
 
 
 def _routes_yaml(count: int) -> str:
@@ -51,6 +56,7 @@ def sidecar_config(path: Path, spec: SidecarSpec, listen_port: int, admin_port: 
         per_try_timeout=per_try,
         endpoints=", ".join(f'"{e}"' for e in spec.endpoints),
         reset_timeout=spec.reset_timeout,
+        service_extra=OUTLIER if spec.outlier else "",
         routes=_routes_yaml(spec.routes),
     )
     path.write_text(text)

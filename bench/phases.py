@@ -48,8 +48,8 @@ class Settings:
     c1_duration: int = 3
     c1_rounds: int = 3
     body_duration: int = 3
-    body_rounds: int = 3
-    scaling_duration: int = 3
+    body_rounds: int = 5  # large loopback transfers are bimodal (BASELINES.md)
+    scaling_duration: int = 4
     scaling_rounds: int = 3
     bigbody_duration: int = 3
     warmup: int = 1
@@ -118,6 +118,7 @@ class Target:
     proc: Proc  # the process whose CPU and memory are measured
     wrk_cpu: int | None
     path_prefix: str = ""
+    admin_port: int | None = None  # the sidecar's admin listener (/metrics)
 
 
 @dataclass
@@ -191,6 +192,7 @@ class Bench:
         return Target(name, port, proc, self.load_cpu)
 
     def start_sidecar(self, name: str, spec: SidecarSpec, path_prefix: str = "") -> Target:
+        """`sidecar run -c CONFIG`, pinned to the proxy CPU, ready once /readyz says 200."""
         listen, admin = free_ports(2)
         cfg = sidecar_config(self.tmp / f"{name}.yaml", spec, listen, admin)
         # The access log (JSON on stdout) stays on and goes to /dev/null; stderr to a file.
@@ -202,7 +204,7 @@ class Bench:
             cwd=REPO,
         )
         wait_ready(proc, listen, http_path="/readyz", http_port=admin, timeout=30)
-        return Target(name, listen, proc, self.load_cpu, path_prefix)
+        return Target(name, listen, proc, self.load_cpu, path_prefix, admin)
 
     # ------------------------------------------------------------------ measuring
 

@@ -401,22 +401,37 @@ def markdown(result: dict[str, Any]) -> str:
             "proxies; success = 2xx seen by the app)"
         )
         add("")
-        add("| scenario | proxy | requests | success | p50 ms | p99 ms | max ms | answers |")
-        add("|---|---|---|---|---|---|---|---|")
+        add(
+            "| scenario | proxy | requests | success | p50 ms | p99 ms | max ms | answers "
+            "| sidecar metrics: retries / refused by budget / breaker opened |"
+        )
+        add("|---|---|---|---|---|---|---|---|---|")
         for name, r in res.items():
-            for role in ("sidecar", "haproxy"):
+            for role in ("sidecar", "haproxy", "sidecar+outlier"):
                 e = r.get(role)
                 if not e:
                     continue
                 codes = ", ".join(f"{k}: {n}" for k, n in list(e["codes"].items())[:4])
+                sm = e.get("sidecar_metrics") or {}
+                mtext = (
+                    f"{sm['retries']} / {sm['retry_budget_exhausted']} / {sm['breaker_opened']}"
+                    if "retries" in sm
+                    else "-"
+                )
                 add(
                     f"| {name} | {role} | {e['requests']} | {100 * e['success_rate']:.2f} % "
                     f"| {_fmt(e['p50_ms'], '.2f')} | {_fmt(e['p99_ms'], '.2f')} "
-                    f"| {_fmt(e['max_ms'], '.1f')} | {codes} |"
+                    f"| {_fmt(e['max_ms'], '.1f')} | {codes} | {mtext} |"
                 )
         add("")
         for name, r in res.items():
             add(f"- **{name}**: {r['notes']}; {r['rate']:.0f} req/s for {r['duration_s']} s.")
+        if any("sidecar+outlier" in r for r in res.values()):
+            add(
+                "- **sidecar+outlier** (not part of the targets): the same sidecar config plus "
+                "`outlier_detection: {consecutive_failures: 5, ejection_time: 30s, "
+                "max_ejection_percent: 50}`, which is off unless configured."
+            )
         out = res.get("outage")
         if out:
             add("")

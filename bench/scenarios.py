@@ -17,11 +17,13 @@ from __future__ import annotations
 
 import asyncio
 import time
+import urllib.request
 from collections.abc import Coroutine
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import aiohttp
+from prometheus_client.parser import text_string_to_metric_families
 
 from bench import wrk
 from bench.configs import DEFAULT_RETRY_ON, SidecarSpec
@@ -145,40 +147,56 @@ class Resilience:
                 expect_200(name, port)
         return proc
 
-    def _pair(
-        self,
-        name: str,
-        endpoints: list[str],
-        *,
-        per_try: bool = False,
-    ) -> tuple[Target, Target]:
+    def _sidecar(
+        self, name: str, endpoints: list[str], *, per_try: bool = False, outlier: bool = False
+    ) -> Target:
         retry_on = DEFAULT_RETRY_ON + (("per-try-timeout",) if per_try else ())
         spec = SidecarSpec(
             tuple(endpoints),
             per_try_timeout=PER_TRY_TIMEOUT if per_try else None,
             retry_on=retry_on,
             reset_timeout=self.s.breaker_reset,
+            outlier=outlier,
         )
-        sidecar = self.b.start_sidecar(f"sidecar-{name}", spec)
-        haproxy = self.b.start_haproxy(
-            f"haproxy-{name}", endpoints, PER_TRY_TIMEOUT if per_try else "2s"
-        )
-        return sidecar, haproxy
+        return self.b.start_sidecar(name, spec)
 
-    def _steady(self, name: str, endpoints: list[str], per_try: bool, notes: str) -> None:
-        """Sidecar, then HAProxy, each under the same open-loop load."""
-        sidecar, haproxy = self._pair(name, endpoints, per_try=per_try)
+    def _haproxy(self, name: str, endpoints: list[str], *, per_try: bool = False) -> Target:
+        return self.b.start_haproxy(name, endpoints, PER_TRY_TIMEOUT if per_try else "2s")
+
+    def _steady(
+        self,
+        name: str,
+        endpoints: list[str],
+        per_try: bool,
+        notes: str,
+        *,
+        outlier_variant: bool = False,
+    ) -> None:
+        """Sidecar, then HAProxy (then, if asked, the sidecar with outlier detection on),
+        one at a time, each under the same open-loop load."""
         out: dict[str, Any] = {"notes": notes, "rate": self.s.scenario_rate}
         out["duration_s"] = self.s.scenario_duration
-        for target in (sidecar, haproxy):
+        roles = [("sidecar", False), ("haproxy", False)]
+        if outlier_variant:
+            roles.append(("sidecar+outlier", True))
+        for role, outlier in roles:
+            if role == "haproxy":
+                target = self._haproxy(f"haproxy-{name}", endpoints, per_try=per_try)
+            else:
+                target = self._sidecar(
+                    f"{role.replace('+', '-')}-{name}", endpoints, per_try=per_try, outlier=outlier
+                )
             t0 = time.monotonic()
             samples = _run(self._drive_one(target))
             summary = summarize(samples)
             summary["wall_s"] = round(time.monotonic() - t0, 2)
-            out[_role(target)] = summary
+            if target.admin_port is not None:
+                summary["sidecar_metrics"] = scrape(target.admin_port)
+            out[role] = summary
             log(
-                f"  {target.name:<24} success {100 * (summary['success_rate'] or 0):6.2f} % "
-                f"p99 {summary['p99_ms']} ms  {summary['codes']}"
+                f"  {target.name:<28} success {100 * (summary['success_rate'] or 0):6.2f} % "
+                f"p99 {summary['p99_ms']} ms  {summary['codes']} "
+                f"{summary.get('sidecar_metrics', '')}"
             )
             self.b.procs.stop(target.proc)
         self.results[name] = out
@@ -208,6 +226,7 @@ class Resilience:
             [f"127.0.0.1:{a}", f"127.0.0.1:{dead}", f"127.0.0.1:{c}"],
             False,
             "three endpoints, the second a closed port",
+            outlier_variant=True,
         )
         self.b.procs.stop(up)
 
@@ -220,6 +239,7 @@ class Resilience:
             True,
             f"three endpoints, the second answers after {SLOW_DELAY * 1000:.0f} ms; "
             f"per-try timeout {PER_TRY_TIMEOUT} (HAProxy: timeout server {PER_TRY_TIMEOUT})",
+            outlier_variant=True,
         )
         self.b.procs.stop(up)
 
@@ -228,7 +248,8 @@ class Resilience:
         (port,) = free_ports(1)
         listen = [str(port)]
         up: list[Proc] = [self._upstream("upstream-outage", listen)]
-        sidecar, haproxy = self._pair("outage", [f"127.0.0.1:{port}"])
+        sidecar = self._sidecar("sidecar-outage", [f"127.0.0.1:{port}"])
+        haproxy = self._haproxy("haproxy-outage", [f"127.0.0.1:{port}"])
         reset_s = _seconds(s.breaker_reset)
         after = max(3.0, reset_s - s.outage_down + 3.0)
         total = s.outage_up + s.outage_down + after
@@ -290,6 +311,8 @@ class Resilience:
                 first = min((x.t for x in opened if x.t >= down), default=None)
                 summary["fail_fast_after_s"] = None if first is None else round(first - down, 3)
                 summary["circuit_open"] = summarize(opened) if opened else None
+                assert sidecar.admin_port is not None
+                summary["sidecar_metrics"] = scrape(sidecar.admin_port)
             out[role] = summary
             log(
                 f"  {role:<8} success {100 * (summary['success_rate'] or 0):6.2f} % "
@@ -318,8 +341,39 @@ class Resilience:
         return res.as_dict()
 
 
-def _role(target: Target) -> str:
-    return "sidecar" if target.name.startswith("sidecar") else "haproxy"
+def scrape(admin_port: int) -> dict[str, Any]:
+    """The sidecar's own account of a scenario, from its /metrics (CONTRACT §5)."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/metrics", timeout=3) as r:
+            text = r.read().decode()
+    except OSError as exc:
+        return {"error": str(exc)}
+    out: dict[str, Any] = {
+        "retries": 0,
+        "retry_budget_exhausted": 0,
+        "breaker_opened": 0,
+        "breaker_rejected": 0,
+        "timeouts": 0,
+        "attempts": {},
+    }
+    for fam in text_string_to_metric_families(text):
+        for sample in fam.samples:
+            name, labels, value = sample.name, sample.labels, int(sample.value)
+            if name == "sidecar_retries_total":
+                out["retries"] += value
+            elif name == "sidecar_retry_budget_exhausted_total":
+                out["retry_budget_exhausted"] += value
+            elif name == "sidecar_circuit_breaker_transitions_total":
+                if labels.get("to_state") == "open":
+                    out["breaker_opened"] += value
+            elif name == "sidecar_circuit_breaker_rejected_total":
+                out["breaker_rejected"] += value
+            elif name == "sidecar_timeouts_total":
+                out["timeouts"] += value
+            elif name == "sidecar_upstream_attempts_total":
+                key = labels.get("result", "?")
+                out["attempts"][key] = out["attempts"].get(key, 0) + value
+    return out
 
 
 def _seconds(text: str) -> float:
