@@ -10,6 +10,7 @@ from aiohttp import web
 from prometheus_client import exposition
 
 from sidecar.metrics import Metrics
+from sidecar.registration import Registration
 from sidecar.runtime import Runtime
 
 
@@ -20,6 +21,7 @@ class AdminHost(Protocol):
     ready: bool
     draining: bool
     started_at: float
+    registration: Registration | None
 
     @property
     def runtime(self) -> Runtime: ...
@@ -50,6 +52,8 @@ def build_admin_app(host: AdminHost) -> web.Application:
         snapshot["ready"] = host.ready and not host.draining
         snapshot["draining"] = host.draining
         snapshot["uptime_seconds"] = round(time.time() - host.started_at, 3)
+        if host.registration is not None:
+            snapshot["registration"] = host.registration.snapshot()
         return web.json_response(snapshot, dumps=_dumps)
 
     async def config(request: web.Request) -> web.Response:

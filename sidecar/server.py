@@ -30,6 +30,7 @@ from sidecar.config import ConfigError, SidecarConfig, load_config
 from sidecar.logs import AccessLog, LineWriter, setup_logging
 from sidecar.metrics import Metrics
 from sidecar.proxy import Proxy
+from sidecar.registration import Registration
 from sidecar.runtime import Runtime
 from sidecar.tasks import TaskOwner
 from sidecar.upstream import SKIP_AUTO_HEADERS
@@ -80,7 +81,7 @@ class Sidecar:
         self._admin_runner: web.AppRunner | None = None
         self._reload_lock = asyncio.Lock()
         self._stopping = asyncio.Event()
-        self.registration: Any = None
+        self.registration: Registration | None = None
 
     @property
     def runtime(self) -> Runtime:
@@ -127,8 +128,6 @@ class Sidecar:
         ).start()
 
         if config.register is not None:
-            from sidecar.registration import Registration
-
             self.registration = Registration(config.register)
             await self.registration.start()
         self.ready = True
