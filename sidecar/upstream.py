@@ -163,14 +163,15 @@ async def send(
                 allow_redirects=False,
                 timeout=client_timeout,
             )
-    except TimeoutError:
-        return Attempt(TIMEOUT, endpoint, detail=f"no response within {limit * 1000:.0f}ms")
-    except aiohttp.ClientConnectorError as exc:
-        return Attempt(CONNECT_ERROR, endpoint, detail=_describe(exc))
+    # Most specific first: aiohttp's timeout errors are also builtin TimeoutErrors.
     except aiohttp.ConnectionTimeoutError:
         return Attempt(CONNECT_ERROR, endpoint, detail="connect timeout")
     except aiohttp.ServerTimeoutError as exc:  # a read timeout aiohttp raised itself
         return Attempt(TIMEOUT, endpoint, detail=_describe(exc))
+    except TimeoutError:
+        return Attempt(TIMEOUT, endpoint, detail=f"no response within {limit * 1000:.0f}ms")
+    except aiohttp.ClientConnectorError as exc:
+        return Attempt(CONNECT_ERROR, endpoint, detail=_describe(exc))
     except (aiohttp.ClientError, OSError) as exc:
         # Disconnects, ECONNRESET, and heads that do not parse as HTTP all mean the
         # exchange broke after the connection was made.

@@ -197,3 +197,48 @@ async def test_max_requests_rejects_at_once(upstream, sidecar, client):
     assert sc.sample("sidecar_overloaded_total", service="api") == 1
     assert sc.sample("sidecar_requests_in_flight", service="api") == 0
     assert sc.sample("sidecar_requests_total", route="api", service="api", code="503") == 1
+
+
+async def test_connect_timeout_when_the_upstream_never_accepts(sidecar, client):
+    # A listener whose accept queue is full: the kernel drops further SYNs, so a connect
+    # hangs until the sidecar's connect_timeout, exactly like a black-holed address.
+    import socket
+
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    address = f"127.0.0.1:{listener.getsockname()[1]}"
+    fillers = []
+    try:
+        for _ in range(4):
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            s.setblocking(False)
+            s.connect_ex(listener.getsockname())
+            fillers.append(s)
+        await asyncio.sleep(0.2)
+        sc = await sidecar(
+            one_service(
+                address,
+                service_extra="connect_timeout: 200ms",
+                route_extra=f"timeout: 10s\n        {NO_RETRY}",
+            )
+        )
+        async with client.get(f"{sc.url}/api") as resp:
+            assert resp.status == 502
+            assert resp.headers["x-sidecar-error"] == "upstream_unreachable"
+            assert "connect" in (await resp.json())["detail"].lower()
+        assert (
+            sc.sample(
+                "sidecar_upstream_attempts_total",
+                service="api",
+                endpoint=address,
+                result="connect_error",
+            )
+            == 1
+        )
+        # The route timeout (10 s) was not what ended it.
+        assert sc.sample("sidecar_timeouts_total", route="api", service="api", kind="route") == 0
+    finally:
+        for s in fillers:
+            s.close()
+        listener.close()
