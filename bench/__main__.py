@@ -24,7 +24,16 @@ from typing import Any
 
 from bench import report
 from bench.phases import PHASES, SCENARIOS, Bench, Settings, Tools, settings_dict
-from bench.runner import Procs, cpus, log, machine_info, pin_self, which
+from bench.runner import (
+    Procs,
+    core_busy_pct,
+    core_times,
+    cpus,
+    log,
+    machine_info,
+    pin_self,
+    which,
+)
 from bench.scenarios import Resilience
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -81,6 +90,16 @@ def find_tools() -> Tools:
     return Tools(wrk=wrk_bin, haproxy=haproxy, taskset=taskset, nginx=nginx)
 
 
+def idle_check() -> dict[str, float]:
+    """Busy % of each core over one second before the run: other work skews everything."""
+    before = core_times()
+    time.sleep(1.0)
+    busy = core_busy_pct(before, core_times())
+    if any(v > 10 for v in busy.values()):
+        log(f"warning: the machine is busy before the run ({busy}); numbers will be noisy")
+    return busy
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     mode = "smoke" if args.smoke else "quick" if args.quick else "full"
@@ -102,6 +121,7 @@ def main(argv: list[str] | None = None) -> int:
         raise KeyboardInterrupt(f"signal {signum}")
 
     signal.signal(signal.SIGTERM, on_signal)
+    quiet = idle_check()
     started = time.strftime("%Y-%m-%dT%H:%M:%S")
     wall0 = time.monotonic()
     resilience: dict[str, Any] = {}
@@ -134,6 +154,7 @@ def main(argv: list[str] | None = None) -> int:
             "load_cpu": load_cpu,
             "proxy_cpu": proxy_cpu,
             "pinned": tools.taskset is not None,
+            "cores_busy_before_pct": quiet,
         },
         "summary": summary,
         "derived": derived,

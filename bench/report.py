@@ -47,6 +47,8 @@ def summarize_runs(runs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
             for k, v in r["cores_busy_pct"].items():
                 cores.setdefault(k, []).append(v)
         entry["cores_busy_pct"] = {k: round(statistics.median(v), 1) for k, v in cores.items()}
+        entry["foreign_cpu_pct_max"] = max(r.get("foreign_cpu_pct", 0.0) for r in rs)
+        entry["reruns"] = sum(1 for r in rs if r.get("rerun"))
         out.setdefault(phase, {})[config] = entry
     return out
 
@@ -243,7 +245,8 @@ def markdown(result: dict[str, Any]) -> str:
     add(
         f"Pinning: wrk, the upstream and the load driver on CPU {meta['load_cpu']}; "
         f"the proxy under test on CPU {meta['proxy_cpu']}. All traffic on 127.0.0.1. Wall time "
-        f"{meta['wall_s']:.0f} s."
+        f"{meta['wall_s']:.0f} s. Cores busy in the second before the run: "
+        f"{meta.get('cores_busy_before_pct', {})}."
     )
     add("")
     add(
@@ -261,6 +264,24 @@ def markdown(result: dict[str, Any]) -> str:
         "`nbthread 1`, keep-alive, `retries 3`, `retry-on conn-failure empty-response "
         "response-timeout 503`, `option redispatch 1`, `timeout server 2s`."
     )
+    add("")
+
+    noisy = sorted(
+        {
+            f"{phase}/{cfg} ({e['foreign_cpu_pct_max']:.0f} %)"
+            for phase, cfgs in summary.items()
+            for cfg, e in cfgs.items()
+            if e.get("foreign_cpu_pct_max", 0) > 10
+        }
+    )
+    if noisy:
+        add(
+            "**Noise:** other processes used more than 10 % of a core during: "
+            + ", ".join(noisy)
+            + " (each such run was re-run once; the quieter one is kept)."
+        )
+    else:
+        add("Other processes used under 10 % of a core in every measured run.")
     add("")
 
     # -- targets

@@ -127,6 +127,37 @@ def vm_kib(pid: int, key: str = "VmHWM") -> int:
     return 0
 
 
+def foreign_ticks() -> dict[int, int]:
+    """CPU ticks (own + reaped children) of every process that is not this bench's:
+    not this process, not its children (wrk, the upstream, the proxies), not a kernel
+    thread. Other jobs on the machine show up here and make a run noisy."""
+    me = os.getpid()
+    out: dict[int, int] = {}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        pid = int(entry.name)
+        if pid in (me, 2):
+            continue
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        fields = stat[stat.rfind(")") + 2 :].split()
+        ppid = int(fields[1])
+        if ppid in (me, 2):
+            continue
+        out[pid] = int(fields[11]) + int(fields[12]) + int(fields[13]) + int(fields[14])
+    return out
+
+
+def foreign_cpu_pct(before: dict[int, int], after: dict[int, int], seconds: float) -> float:
+    """CPU used by other processes between two `foreign_ticks` snapshots, in % of a core."""
+    ticks = sum(t - before.get(pid, 0) for pid, t in after.items())
+    return round(100.0 * max(0, ticks) / CLK_TCK / max(seconds, 1e-3), 1)
+
+
 def core_times() -> dict[int, tuple[int, int]]:
     """Per core: (busy ticks, total ticks) from /proc/stat."""
     out: dict[int, tuple[int, int]] = {}
