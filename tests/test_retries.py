@@ -267,3 +267,25 @@ async def test_unreachable_after_every_attempt(sidecar, client):
         assert resp.status == 502
         assert resp.headers["x-sidecar-error"] == "upstream_unreachable"
         assert resp.headers["x-sidecar-attempts"] == "3"
+
+
+async def test_connect_failure_retries_do_not_spend_the_budget(upstream, sidecar, client):
+    good = await upstream()
+    dead = f"127.0.0.1:{free_port()}"
+    sc = await sidecar(
+        config([dead, good.address], retries=", budget: { ratio: 0, min_per_second: 0 }")
+    )
+    # Half the requests start on the dead endpoint; every one of them still succeeds.
+    for _ in range(10):
+        async with client.post(f"{sc.url}/x", data=b"order") as resp:
+            assert resp.status == 200
+    assert good.hits == 10
+    assert sc.sample("sidecar_retries_total", route="r", service="svc") == 5
+    assert sc.sample("sidecar_retry_budget_exhausted_total", route="r", service="svc") == 0
+    # A retry that would add load (a 503) is still refused by the empty budget.
+    bad = await upstream(await always(503))
+    sc2 = await sidecar(config([bad.address], retries=", budget: { ratio: 0, min_per_second: 0 }"))
+    async with client.get(f"{sc2.url}/x") as resp:
+        assert resp.status == 503
+        assert resp.headers["x-sidecar-attempts"] == "1"
+    assert sc2.sample("sidecar_retry_budget_exhausted_total", route="r", service="svc") == 1

@@ -9,8 +9,9 @@ of `per_try_timeout` and the time left. After each attempt:
 - the endpoint's outcome feeds outlier detection;
 - a retry happens only if the outcome is in `retry_on`, the method allows it (POST and
   PATCH only after a connect failure unless `non_idempotent`), the body can be replayed,
-  retries are left, the breaker is not open, the budget allows it, and the back-off (or a
-  `Retry-After` on 429/503) fits in the time left. Otherwise the last outcome is the answer:
+  retries are left, the breaker is not open, the budget allows it (retries after a connect
+  failure are free: they add no load upstream), and the back-off (or a `Retry-After` on
+  429/503) fits in the time left. Otherwise the last outcome is the answer:
   an upstream response is passed through unchanged.
 """
 
@@ -226,7 +227,9 @@ async def forward(
         remaining = ex.deadline - loop.time()
         if delay is None or delay >= remaining:
             return ex
-        if not route.budget.try_spend():
+        # A connect failure reached no upstream, so retrying it adds no load: the budget,
+        # which exists to cap extra load on a struggling service, is not spent on it.
+        if attempt.kind != CONNECT_ERROR and not route.budget.try_spend():
             route.count_budget_exhausted()
             return ex
         attempt.release()
