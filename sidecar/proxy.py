@@ -18,12 +18,12 @@ import time
 import uuid
 from typing import Any, Final
 
-import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
 
 from sidecar import errors
 from sidecar.config.model import FallbackConfig
+from sidecar.h1client import UpstreamPool, UpstreamResponse
 from sidecar.logs import AccessLog
 from sidecar.resilience.retry import Exchange, StreamedBody, forward
 from sidecar.routing import BadPath, normalize_path, rewrite
@@ -40,11 +40,9 @@ NO_BODY_STATUSES: Final = frozenset({204, 304})
 
 
 class Proxy:
-    def __init__(
-        self, runtime: Runtime, session: aiohttp.ClientSession, access_log: AccessLog
-    ) -> None:
+    def __init__(self, runtime: Runtime, pool: UpstreamPool, access_log: AccessLog) -> None:
         self.runtime = runtime
-        self.session = session
+        self.pool = pool
         self.access_log = access_log
         self.in_flight = 0  # all proxied requests, for draining
         self.draining = False
@@ -221,7 +219,7 @@ class Proxy:
             host_header=_forwardable_host(host, request.headers.get("Host")),
         )
         try:
-            await forward(ex, route, self.session)
+            await forward(ex, route, self.pool)
         finally:
             entry["attempts"] = ex.attempts
         attempt = ex.last
@@ -255,7 +253,7 @@ class Proxy:
     async def _relay(
         self,
         request: web.BaseRequest,
-        upstream: aiohttp.ClientResponse,
+        upstream: UpstreamResponse,
         attempts: int,
         rid: str,
         entry: dict[str, Any],
@@ -270,8 +268,8 @@ class Proxy:
         try:
             if bodyless or (length is not None and length <= SMALL_BODY):
                 try:
-                    body = await upstream.read()
-                except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+                    body = await upstream.read(route.body_idle_timeout)
+                except (TimeoutError, OSError) as exc:
                     # Nothing went to the app yet, so it can still get a clean 502.
                     return self._error(
                         entry,
@@ -294,9 +292,9 @@ class Proxy:
             response = web.StreamResponse(status=status, reason=upstream.reason, headers=headers)
             await response.prepare(request)
             try:
-                async for chunk in upstream.content.iter_any():
+                async for chunk in upstream.iter_chunks(route.body_idle_timeout):
                     await response.write(chunk)
-            except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            except (TimeoutError, OSError) as exc:
                 # The head is out: the only honest signal left is to cut the connection,
                 # so the app cannot take a truncated body for a whole one.
                 entry["error"] = errors.UPSTREAM_RESET

@@ -15,7 +15,6 @@ import logging
 from collections.abc import Mapping
 from typing import Any
 
-import aiohttp
 from prometheus_client.metrics import Counter
 
 from sidecar.cluster import Cluster
@@ -80,12 +79,9 @@ class RouteRuntime:
         budget = config.retries.budget
         self.budget = RetryBudget(budget.ratio, budget.min_per_second)
         self.fault = FaultInjector(config.fault) if config.fault is not None else None
-        connect = service.config.connect_timeout
-        # sock_read bounds the silence between body chunks once the head has arrived; the
-        # head itself is bounded more tightly by the attempt's own deadline.
-        self.client_timeout = aiohttp.ClientTimeout(
-            total=None, connect=connect, sock_connect=connect, sock_read=config.timeout
-        )
+        self.connect_timeout = service.config.connect_timeout
+        # Once the head is in, silence between body chunks longer than this breaks the relay.
+        self.body_idle_timeout = config.timeout
         self._metrics = metrics
         labels = (config.name, service.name)
         self.m_duration = metrics.request_duration.labels(*labels)

@@ -18,7 +18,6 @@ import signal
 import time
 from typing import Any
 
-import aiohttp
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_request import BaseRequest
@@ -27,13 +26,13 @@ from aiohttp.web_response import StreamResponse
 from sidecar import errors
 from sidecar.admin import build_admin_app
 from sidecar.config import ConfigError, SidecarConfig, load_config
+from sidecar.h1client import UpstreamPool
 from sidecar.logs import AccessLog, LineWriter, setup_logging
 from sidecar.metrics import Metrics
 from sidecar.proxy import Proxy
 from sidecar.registration import Registration
 from sidecar.runtime import Runtime
 from sidecar.tasks import TaskOwner
-from sidecar.upstream import SKIP_AUTO_HEADERS
 
 log = logging.getLogger("sidecar.server")
 
@@ -76,7 +75,7 @@ class Sidecar:
         self._log_writer = log_writer
         self._runtime: Runtime | None = None
         self._proxy: Proxy | None = None
-        self._session: aiohttp.ClientSession | None = None
+        self._pool: UpstreamPool | None = None
         self._proxy_runner: web.ServerRunner | None = None
         self._admin_runner: web.AppRunner | None = None
         self._reload_lock = asyncio.Lock()
@@ -95,18 +94,10 @@ class Sidecar:
 
     async def start(self) -> None:
         config = self.config
-        self._session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(
-                limit=0, keepalive_timeout=30, enable_cleanup_closed=False
-            ),
-            auto_decompress=False,
-            skip_auto_headers=SKIP_AUTO_HEADERS,
-            cookie_jar=aiohttp.DummyCookieJar(),
-            timeout=aiohttp.ClientTimeout(total=None),
-        )
+        self._pool = UpstreamPool()
         self._runtime = Runtime(config, self.metrics)
         await self._runtime.start_new()
-        self._proxy = Proxy(self._runtime, self._session, AccessLog(self._log_writer))
+        self._proxy = Proxy(self._runtime, self._pool, AccessLog(self._log_writer))
 
         self._admin_runner = web.AppRunner(build_admin_app(self), access_log=None)
         await self._admin_runner.setup()
@@ -174,8 +165,8 @@ class Sidecar:
             await self.registration.close()
         if self._runtime is not None:
             await self._runtime.close_all()
-        if self._session is not None:
-            await self._session.close()
+        if self._pool is not None:
+            self._pool.close()
         if self._admin_runner is not None:
             await self._admin_runner.cleanup()
         log.info("stopped")

@@ -1,6 +1,6 @@
 """The upstream boundary: one attempt to one endpoint, and the header rules around it.
 
-aiohttp's client exceptions are mapped here, once, to the outcome kinds the rest of the
+The client's exceptions are mapped here, once, to the outcome kinds the rest of the
 sidecar reasons about (CONTRACT §5 `result` labels):
 
     connect_error  the request never left: refused, unreachable, connect timeout
@@ -9,6 +9,7 @@ sidecar reasons about (CONTRACT §5 `result` labels):
     response       a response head arrived (any status)
 
 `asyncio.CancelledError` is never mapped: it belongs to whoever cancelled us.
+The client itself is `sidecar.h1client`; this module owns what goes into a request.
 """
 
 from __future__ import annotations
@@ -17,11 +18,10 @@ import asyncio
 from collections.abc import AsyncIterator
 from typing import Final
 
-import aiohttp
 from multidict import CIMultiDict, CIMultiDictProxy
-from yarl import URL
 
 from sidecar.cluster import Endpoint
+from sidecar.h1client import ConnectFailed, UpstreamPool, UpstreamResponse
 
 HOP_BY_HOP: Final = frozenset(
     {
@@ -39,8 +39,6 @@ HOP_BY_HOP: Final = frozenset(
 )
 # Our own per-request controls: consumed here, re-issued with our values.
 SIDECAR_REQUEST_HEADERS: Final = frozenset({"x-sidecar-timeout-ms", "x-sidecar-max-retries"})
-# The client must not add headers the app did not send (the session skips these).
-SKIP_AUTO_HEADERS: Final = frozenset({"User-Agent", "Accept", "Accept-Encoding", "Content-Type"})
 
 CONNECT_ERROR: Final = "connect_error"
 RESET: Final = "reset"
@@ -114,7 +112,7 @@ class Attempt:
         self,
         kind: str,
         endpoint: Endpoint,
-        response: aiohttp.ClientResponse | None = None,
+        response: UpstreamResponse | None = None,
         detail: str | None = None,
     ) -> None:
         self.kind = kind
@@ -142,39 +140,34 @@ Body = bytes | AsyncIterator[bytes] | None
 
 
 async def send(
-    session: aiohttp.ClientSession,
+    pool: UpstreamPool,
     endpoint: Endpoint,
     method: str,
     path_qs: str,
     headers: CIMultiDict[str],
     body: Body,
     limit: float,
-    client_timeout: aiohttp.ClientTimeout,
+    connect_timeout: float,
 ) -> Attempt:
     """Send one attempt and wait for the response head, at most `limit` seconds."""
-    url = URL(f"http://{endpoint.key}{path_qs}", encoded=True)
+    address = endpoint.address
     try:
         async with asyncio.timeout(limit):
-            response = await session.request(
+            response = await pool.request(
+                endpoint.key,
+                address.host,
+                address.port,
                 method,
-                url,
-                headers=headers,
-                data=body,
-                allow_redirects=False,
-                timeout=client_timeout,
+                path_qs,
+                headers,
+                body,
+                min(connect_timeout, limit),
             )
-    # Most specific first: aiohttp's timeout errors are also builtin TimeoutErrors.
-    except aiohttp.ConnectionTimeoutError:
-        return Attempt(CONNECT_ERROR, endpoint, detail="connect timeout")
-    except aiohttp.ServerTimeoutError as exc:  # a read timeout aiohttp raised itself
-        return Attempt(TIMEOUT, endpoint, detail=_describe(exc))
+    except ConnectFailed as exc:
+        return Attempt(CONNECT_ERROR, endpoint, detail=_describe(exc))
     except TimeoutError:
         return Attempt(TIMEOUT, endpoint, detail=f"no response within {limit * 1000:.0f}ms")
-    except aiohttp.ClientConnectorError as exc:
-        return Attempt(CONNECT_ERROR, endpoint, detail=_describe(exc))
-    except (aiohttp.ClientError, OSError) as exc:
-        # Disconnects, ECONNRESET, and heads that do not parse as HTTP all mean the
-        # exchange broke after the connection was made.
+    except OSError as exc:  # UpstreamBroken, and resets the kernel reports on write
         return Attempt(RESET, endpoint, detail=_describe(exc))
     return Attempt(RESPONSE, endpoint, response=response)
 

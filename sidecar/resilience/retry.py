@@ -33,6 +33,7 @@ from sidecar.config.model import (
     RETRY_RESET,
     RetryConfig,
 )
+from sidecar.h1client import UpstreamPool
 from sidecar.resilience.backoff import backoff_delay, parse_retry_after
 from sidecar.resilience.breaker import CircuitOpen, ServiceBreaker
 from sidecar.resilience.budget import RetryBudget
@@ -96,7 +97,7 @@ class RouteRuntimeLike(Protocol):
 
     policy: RetryPolicy
     budget: RetryBudget
-    client_timeout: aiohttp.ClientTimeout
+    connect_timeout: float
 
     @property
     def service(self) -> ServiceRuntimeLike: ...
@@ -146,7 +147,7 @@ class Exchange:
 async def forward(
     ex: Exchange,
     route: RouteRuntimeLike,
-    session: aiohttp.ClientSession,
+    pool: UpstreamPool,
 ) -> Exchange:
     """Make attempts until one answers, or retrying is no longer allowed or possible."""
     service = route.service
@@ -189,14 +190,14 @@ async def forward(
         endpoint.in_flight += 1
         try:
             attempt = await send(
-                session,
+                pool,
                 endpoint,
                 ex.method,
                 ex.path_qs,
                 headers,
                 data,
                 timeout,
-                route.client_timeout,
+                route.connect_timeout,
             )
         except asyncio.CancelledError:
             trial.abandon()
