@@ -44,6 +44,10 @@ class ConnectFailed(UpstreamError):
     """No connection could be made; nothing was sent."""
 
 
+class ConnectTimeout(ConnectFailed):
+    """The connection was not made within its time."""
+
+
 class UpstreamBroken(UpstreamError):
     """The connection broke, or the upstream sent something that is not valid HTTP/1.1."""
 
@@ -169,6 +173,16 @@ class _Connection(asyncio.Protocol):
         self.closed = True
         if self.transport is not None:
             self.transport.close()
+
+    def expire(self) -> None:
+        """The exchange's deadline passed: fail whatever waits, and drop the connection."""
+        exc = TimeoutError("no response before the attempt's deadline")
+        head = self._head
+        if head is not None and not head.done():
+            head.set_exception(exc)
+        if self._drain is not None and not self._drain.done():
+            self._drain.set_exception(exc)
+        self.close()
 
     async def _write_body(self, body: bytes | AsyncIterator[bytes] | None, chunked: bool) -> None:
         transport = self.transport
@@ -370,7 +384,7 @@ class UpstreamPool:
             async with asyncio.timeout(limit):
                 _, conn = await loop.create_connection(lambda: _Connection(self, key), host, port)
         except TimeoutError:
-            raise ConnectFailed(f"connect timeout after {limit * 1000:.0f}ms") from None
+            raise ConnectTimeout(f"connect timeout after {limit * 1000:.0f}ms") from None
         except OSError as exc:
             raise ConnectFailed(exc.strerror or str(exc)) from None
         return conn
@@ -385,8 +399,14 @@ class UpstreamPool:
         headers: CIMultiDict[str],
         body: bytes | AsyncIterator[bytes] | None,
         connect_timeout: float,
+        deadline: float,
     ) -> UpstreamResponse:
-        """Send one request and return once the response head has arrived."""
+        """Send one request; return once the response head has arrived.
+
+        `deadline` (event-loop time) bounds connecting, sending and waiting for the head:
+        past it the exchange fails with `TimeoutError` and its connection is discarded.
+        One timer handle per exchange is much cheaper than `asyncio.timeout()` here.
+        """
         chunked = False
         if isinstance(body, bytes):
             headers["Content-Length"] = str(len(body))
@@ -395,8 +415,10 @@ class UpstreamPool:
             chunked = True
         head = build_head(method, target, headers.items())
         is_head = method == "HEAD"
+        loop = asyncio.get_running_loop()
         conn = self._take_idle(key)
         if conn is not None:
+            timer = loop.call_at(deadline, conn.expire)
             try:
                 return await conn.exchange(head, body, chunked, is_head)
             except UpstreamBroken:
@@ -409,12 +431,27 @@ class UpstreamPool:
             except BaseException:
                 conn.close()  # cancelled or timed out mid-exchange: its state is unknown
                 raise
-        conn = await self._connect(key, host, port, connect_timeout)
+            finally:
+                timer.cancel()
+        remaining = deadline - loop.time()
+        if remaining <= 0:
+            raise TimeoutError("no time left to connect")
+        if connect_timeout < remaining:
+            conn = await self._connect(key, host, port, connect_timeout)
+        else:
+            try:
+                conn = await self._connect(key, host, port, remaining)
+            except ConnectTimeout:
+                # The attempt's own deadline, not connect_timeout, is what ran out.
+                raise TimeoutError("the attempt's deadline passed while connecting") from None
+        timer = loop.call_at(deadline, conn.expire)
         try:
             return await conn.exchange(head, body, chunked, is_head)
         except BaseException:
             conn.close()
             raise
+        finally:
+            timer.cancel()
 
     def close(self) -> None:
         self._closed = True

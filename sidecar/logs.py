@@ -8,12 +8,14 @@ through `logging` with a JSON formatter into the same queue, so lines never inte
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import queue
 import sys
 import threading
 import time
+from json.encoder import encode_basestring_ascii as _encode_str
 from typing import IO, Any
 
 _STOP = object()
@@ -94,17 +96,44 @@ class _QueueLineHandler(logging.Handler):
 
 
 class AccessLog:
-    """One JSON line per proxied request."""
+    """One JSON line per proxied request, batched per event-loop iteration.
+
+    The line is built by hand (the keys are fixed; strings go through json's C escaper),
+    which costs a fraction of `json.dumps` on a dict; and the writer thread is woken once
+    per loop iteration for all lines finished in it, not once per line.
+    """
 
     def __init__(self, writer: LineWriter | None) -> None:
         self._writer = writer
+        self._pending: list[str] = []
 
     def emit(self, entry: dict[str, Any]) -> None:
         if self._writer is None:
             return
-        entry["ts"] = round(time.time(), 6)
-        entry["logger"] = "sidecar.access"
-        self._writer.put(json.dumps(entry, separators=(",", ":")) + "\n")
+        enc = _encode_str
+        route, service, error = entry["route"], entry["service"], entry["error"]
+        line = (
+            f'{{"request_id":{enc(entry["request_id"] or "")},'
+            f'"route":{"null" if route is None else enc(route)},'
+            f'"service":{"null" if service is None else enc(service)},'
+            f'"method":{enc(entry["method"])},"path":{enc(entry["path"] or "")},'
+            f'"status":{int(entry["status"])},"attempts":{int(entry["attempts"])},'
+            f'"duration_ms":{float(entry["duration_ms"])!r},'
+            f'"error":{"null" if error is None else enc(error)},'
+            f'"ts":{time.time():.6f},"logger":"sidecar.access"}}\n'
+        )
+        if not self._pending:
+            try:
+                asyncio.get_running_loop().call_soon(self._flush)
+            except RuntimeError:  # no loop (a test calling emit directly): write now
+                self._writer.put(line)
+                return
+        self._pending.append(line)
+
+    def _flush(self) -> None:
+        if self._writer is not None and self._pending:
+            self._writer.put("".join(self._pending))
+        self._pending = []
 
 
 def setup_logging(level: int = logging.INFO) -> LineWriter:

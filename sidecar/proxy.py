@@ -12,10 +12,11 @@ atomically; a request keeps the generation it started with.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import math
+import os
 import time
-import uuid
 from typing import Any, Final
 
 from aiohttp import web
@@ -105,7 +106,7 @@ class Proxy:
         headers = request.headers
         rid = headers.get("x-request-id")
         if not rid or len(rid) > MAX_REQUEST_ID:
-            rid = uuid.uuid4().hex
+            rid = _new_request_id()
         entry["request_id"] = rid
         runtime = self.runtime
 
@@ -374,6 +375,15 @@ class Proxy:
             request_id=rid,
             retry_after=retry_after,
         )
+
+
+# A random per-process prefix and a counter: unique, and far cheaper than uuid4 per request.
+_RID_PREFIX = os.urandom(8).hex()
+_rid_counter = itertools.count(1)
+
+
+def _new_request_id() -> str:
+    return f"{_RID_PREFIX}{next(_rid_counter):012x}"
 
 
 def _fallback_response(

@@ -151,18 +151,19 @@ async def send(
 ) -> Attempt:
     """Send one attempt and wait for the response head, at most `limit` seconds."""
     address = endpoint.address
+    deadline = asyncio.get_running_loop().time() + limit
     try:
-        async with asyncio.timeout(limit):
-            response = await pool.request(
-                endpoint.key,
-                address.host,
-                address.port,
-                method,
-                path_qs,
-                headers,
-                body,
-                min(connect_timeout, limit),
-            )
+        response = await pool.request(
+            endpoint.key,
+            address.host,
+            address.port,
+            method,
+            path_qs,
+            headers,
+            body,
+            connect_timeout,
+            deadline,
+        )
     except ConnectFailed as exc:
         return Attempt(CONNECT_ERROR, endpoint, detail=_describe(exc))
     except TimeoutError:

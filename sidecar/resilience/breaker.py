@@ -310,7 +310,11 @@ class ServiceBreaker:
         if trial.half_open:
             self._trials -= 1
         if outcome == "success":
-            self._cb.call(_succeed)
+            # The hot path: in closed state with no failures counted, pybreaker's success
+            # would only reset a counter that is already 0 (its listeners, ours included,
+            # act on state changes alone), so the call is skipped.
+            if trial.half_open or self._cb.fail_counter:
+                self._cb.call(_succeed)
         elif outcome == "failure":
             # pybreaker counts it and re-raises it; a trip shows in the state, not here.
             with contextlib.suppress(_AttemptFailed):
