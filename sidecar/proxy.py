@@ -153,14 +153,12 @@ class Proxy:
                 detail=f"{service.max_requests} requests already in flight to {service.name}",
             ), route
         service.in_flight += 1
-        service.m_in_flight.inc()
         try:
             return await self._proxy(
                 request, route, entry, rid, method, path, query, deadline, max_retries, host
             ), route
         finally:
             service.in_flight -= 1
-            service.m_in_flight.dec()
 
     async def _proxy(
         self,
@@ -427,9 +425,16 @@ def _forwardable_host(host: str | None, raw: str | None) -> str | None:
     """
     if host is None or raw is None:
         return None
-    if host in ("localhost", "[::1]") or host.startswith("[") or _is_ipv4(host):
-        return None
-    return raw
+    literal = _HOST_IS_LITERAL.get(host)
+    if literal is None:
+        literal = host in ("localhost", "[::1]") or host.startswith("[") or _is_ipv4(host)
+        if len(_HOST_IS_LITERAL) >= 1024:  # bounded: Host values come from clients
+            _HOST_IS_LITERAL.clear()
+        _HOST_IS_LITERAL[host] = literal
+    return None if literal else raw
+
+
+_HOST_IS_LITERAL: dict[str, bool] = {}
 
 
 def _is_ipv4(host: str) -> bool:

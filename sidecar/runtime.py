@@ -38,8 +38,8 @@ class ServiceRuntime:
         self.breaker = ServiceBreaker(config.name, config.circuit_breaker, metrics)
         self.in_flight = 0
         self._metrics = metrics
-        self.m_in_flight = metrics.in_flight.labels(config.name)
-        self.m_in_flight.set(0)
+        # Read when Prometheus scrapes, so the request path only touches a plain int.
+        metrics.in_flight.labels(config.name).set_function(lambda: self.in_flight)
         self.m_overloaded = metrics.overloaded.labels(config.name)
         self.m_rejected = metrics.breaker_rejected.labels(config.name)
         self._attempts: dict[tuple[str, str], Counter] = {}

@@ -46,16 +46,22 @@ TIMEOUT: Final = "timeout"
 RESPONSE: Final = "response"
 
 
+_EMPTY: Final = frozenset[str]()
+# Request headers the loop below replaces or drops; one set lookup decides for most names.
+_REQUEST_SPECIAL: Final = (
+    HOP_BY_HOP
+    | SIDECAR_REQUEST_HEADERS
+    | frozenset(
+        {"host", "x-forwarded-for", "x-request-id", "x-forwarded-proto", "x-forwarded-host"}
+    )
+)
+
+
 def _connection_listed(headers: CIMultiDictProxy[str]) -> frozenset[str]:
-    listed = headers.getall("Connection", ())
-    if not listed:
-        return frozenset()
+    if "Connection" not in headers:
+        return _EMPTY
+    listed = headers.getall("Connection")
     return frozenset(t.strip().lower() for v in listed for t in v.split(",") if t.strip())
-
-
-def _drop(name: str, extra: frozenset[str]) -> bool:
-    lname = name.lower()
-    return lname in HOP_BY_HOP or lname.startswith("proxy-") or lname in extra
 
 
 def request_headers(
@@ -65,42 +71,42 @@ def request_headers(
     client_ip: str | None,
 ) -> CIMultiDict[str]:
     """Headers for the upstream request; Host and the per-attempt ones are set per attempt."""
-    extra = _connection_listed(incoming) | SIDECAR_REQUEST_HEADERS
-    out: CIMultiDict[str] = CIMultiDict()
+    extra = _connection_listed(incoming)
+    kept: list[tuple[str, str]] = []
     original_host = None
     xff = None
     for name, value in incoming.items():
         lname = name.lower()
-        if lname == "host":
-            original_host = value
+        if lname in _REQUEST_SPECIAL:
+            if lname == "host":
+                original_host = value
+            elif lname == "x-forwarded-for":
+                xff = value if xff is None else f"{xff}, {value}"
             continue
-        if lname == "x-forwarded-for":
-            xff = value if xff is None else f"{xff}, {value}"
+        if lname.startswith("proxy-") or (extra and lname in extra):
             continue
-        if lname in ("x-request-id", "x-forwarded-proto", "x-forwarded-host"):
-            continue
-        if _drop(lname, extra):
-            continue
-        out.add(name, value)
-    out["X-Request-Id"] = request_id
+        kept.append((name, value))
+    kept.append(("X-Request-Id", request_id))
     if client_ip:
-        out["X-Forwarded-For"] = f"{xff}, {client_ip}" if xff else client_ip
+        kept.append(("X-Forwarded-For", f"{xff}, {client_ip}" if xff else client_ip))
     elif xff:
-        out["X-Forwarded-For"] = xff
-    out["X-Forwarded-Proto"] = "http"
+        kept.append(("X-Forwarded-For", xff))
+    kept.append(("X-Forwarded-Proto", "http"))
     if original_host:
-        out["X-Forwarded-Host"] = original_host
-    return out
+        kept.append(("X-Forwarded-Host", original_host))
+    return CIMultiDict(kept)
 
 
 def response_headers(upstream: CIMultiDictProxy[str]) -> CIMultiDict[str]:
     """The upstream's response headers minus hop-by-hop ones."""
     extra = _connection_listed(upstream)
-    out: CIMultiDict[str] = CIMultiDict()
+    kept = []
     for name, value in upstream.items():
-        if not _drop(name, extra):
-            out.add(name, value)
-    return out
+        lname = name.lower()
+        if lname in HOP_BY_HOP or lname.startswith("proxy-") or (extra and lname in extra):
+            continue
+        kept.append((name, value))
+    return CIMultiDict(kept)
 
 
 class Attempt:
