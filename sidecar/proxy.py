@@ -19,7 +19,7 @@ import os
 import time
 from typing import Any, Final
 
-from aiohttp import web
+from aiohttp import HttpVersion11, web
 from multidict import CIMultiDict
 
 from sidecar import errors
@@ -233,6 +233,8 @@ class Proxy:
     ) -> bytes | StreamedBody | None:
         if not request.body_exists:
             return None
+        if request.version == HttpVersion11 and "Expect" in request.headers:
+            await _continue(request)
         content = request.content
         length = request.content_length
         limit = route.config.retries.max_body_bytes
@@ -373,6 +375,17 @@ class Proxy:
             request_id=rid,
             retry_after=retry_after,
         )
+
+
+async def _continue(request: web.BaseRequest) -> None:
+    """Answer `Expect: 100-continue` (aiohttp's low-level server leaves it to us).
+
+    The app is waiting for this before it sends the body; the upstream is not asked,
+    because by the time the upstream request goes out the body is already in hand.
+    """
+    if request.headers["Expect"].strip().lower() == "100-continue":
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        request.writer.output_size = 0  # the real response has not started
 
 
 # A random per-process prefix and a counter: unique, and far cheaper than uuid4 per request.

@@ -52,7 +52,14 @@ _REQUEST_SPECIAL: Final = (
     HOP_BY_HOP
     | SIDECAR_REQUEST_HEADERS
     | frozenset(
-        {"host", "x-forwarded-for", "x-request-id", "x-forwarded-proto", "x-forwarded-host"}
+        {
+            "host",
+            "x-forwarded-for",
+            "x-request-id",
+            "x-forwarded-proto",
+            "x-forwarded-host",
+            "expect",  # answered by the sidecar itself; the upstream gets the body at once
+        }
     )
 )
 

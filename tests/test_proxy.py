@@ -442,3 +442,23 @@ async def test_upstream_keepalive_closed_by_server_is_not_an_error_for_next_requ
 
 async def test_unused_client_session_timeout(client):  # guards the fixture itself
     assert isinstance(client, aiohttp.ClientSession)
+
+
+async def test_expect_100_continue_is_answered_and_not_forwarded(upstream, sidecar):
+    up = await upstream()
+    sc = await sidecar(one_service(up.address))
+    reader, writer = await asyncio.open_connection("127.0.0.1", sc.listen)
+    writer.write(
+        b"POST /api HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n"
+    )
+    await writer.drain()
+    # A client that honours Expect waits for the interim answer before sending the body.
+    interim = await asyncio.wait_for(read_head(reader), 5)
+    assert interim == b"HTTP/1.1 100 Continue\r\n\r\n"
+    writer.write(b"hello")
+    await writer.drain()
+    head = await asyncio.wait_for(read_head(reader), 5)
+    writer.close()
+    assert head.startswith(b"HTTP/1.1 200")
+    assert up.seen[0].body == b"hello"
+    assert "expect" not in up.seen[0].headers
