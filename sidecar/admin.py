@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
@@ -79,6 +80,4 @@ def build_admin_app(host: AdminHost) -> web.Application:
 
 
 def _dumps(obj: Any) -> str:
-    import json
-
     return json.dumps(obj, indent=2, default=str)

@@ -41,7 +41,6 @@ class ServiceRuntime:
         # Read when Prometheus scrapes, so the request path only touches a plain int.
         metrics.in_flight.labels(config.name).set_function(lambda: self.in_flight)
         self.m_overloaded = metrics.overloaded.labels(config.name)
-        self.m_rejected = metrics.breaker_rejected.labels(config.name)
         self._attempts: dict[tuple[str, str], Counter] = {}
 
     def count_attempt(self, endpoint: str, result: str) -> None:
