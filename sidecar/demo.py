@@ -10,7 +10,6 @@ retries hide a flaky service and the breaker fail fast for a broken one:
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 import json
 import sys
@@ -18,8 +17,8 @@ import sys
 from aiohttp import web
 
 from sidecar.config import SidecarConfig
-from sidecar.logs import LineWriter, setup_logging
-from sidecar.server import new_event_loop, run
+from sidecar.logs import LineWriter
+from sidecar.server import run, run_main
 
 DEMO_UPSTREAMS = {
     "catalog": ("127.0.0.1", 19081),
@@ -96,9 +95,4 @@ async def _demo(config: SidecarConfig, writer: LineWriter) -> int:
 
 
 def run_demo(config: SidecarConfig) -> int:
-    writer = setup_logging()
-    try:
-        with asyncio.Runner(loop_factory=new_event_loop) as runner:
-            return runner.run(_demo(config, writer))
-    finally:
-        writer.close()
+    return run_main(lambda writer: _demo(config, writer))

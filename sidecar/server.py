@@ -16,6 +16,7 @@ import dataclasses
 import logging
 import signal
 import time
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 from aiohttp import web
@@ -254,10 +255,15 @@ def new_event_loop() -> asyncio.AbstractEventLoop:
     return loop
 
 
-def serve(config: SidecarConfig) -> int:
+def run_main(main: Callable[[LineWriter], Coroutine[Any, Any, int]]) -> int:
+    """Run `main` on a fresh (uv)loop with JSON logging set up, and flush the logs after."""
     writer = setup_logging()
     try:
         with asyncio.Runner(loop_factory=new_event_loop) as runner:
-            return runner.run(run(config, writer))
+            return runner.run(main(writer))
     finally:
         writer.close()
+
+
+def serve(config: SidecarConfig) -> int:
+    return run_main(lambda writer: run(config, writer))
