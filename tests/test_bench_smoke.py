@@ -67,7 +67,7 @@ def test_bench_smoke(tmp_path: Path) -> None:
             assert entry["vmhwm_mib"] > 0, (phase, config)
 
     for run in result["runs"]:
-        assert run["requests"] > 0
+        assert run["requests"] > 0, {k: run[k] for k in ("phase", "config", "path", "errors")}
         assert run["errors"]["status"] == 0, run  # every answer under load was a 2xx
 
     for body in ("1m", "100m"):
