@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 from typing import Final
 
-from aiohttp import web
+from sidecar.responses import WholeResponse
 
 NO_ROUTE: Final = "no_route"
 CIRCUIT_OPEN: Final = "circuit_open"
@@ -49,18 +49,18 @@ def error_response(
     attempts: int = 0,
     request_id: str | None = None,
     retry_after: int | None = None,
-) -> web.Response:
-    headers = {
-        "Content-Type": "application/json",
-        "x-sidecar-error": reason,
-        "x-sidecar-attempts": str(attempts),
-    }
+) -> WholeResponse:
+    headers = [
+        ("Content-Type", "application/json"),
+        ("x-sidecar-error", reason),
+        ("x-sidecar-attempts", str(attempts)),
+    ]
     if request_id is not None:
-        headers["x-request-id"] = request_id
+        headers.append(("x-request-id", request_id))
     if retry_after is not None:
-        headers["Retry-After"] = str(retry_after)
-    return web.Response(
-        status=status if status is not None else STATUS[reason],
-        body=error_body(reason, route, service, detail),
-        headers=headers,
+        headers.append(("Retry-After", str(retry_after)))
+    return WholeResponse(
+        status if status is not None else STATUS[reason],
+        headers,
+        error_body(reason, route, service, detail),
     )

@@ -27,6 +27,7 @@ from sidecar.config.model import FallbackConfig
 from sidecar.h1client import UpstreamPool, UpstreamResponse
 from sidecar.logs import AccessLog
 from sidecar.resilience.retry import Exchange, StreamedBody, forward
+from sidecar.responses import WholeResponse
 from sidecar.routing import BadPath, normalize_path, rewrite
 from sidecar.runtime import RouteRuntime, Runtime
 from sidecar.upstream import CONNECT_ERROR, RESET, RESPONSE, request_headers, response_headers
@@ -261,8 +262,8 @@ class Proxy:
         route: RouteRuntime,
     ) -> web.StreamResponse:
         headers = response_headers(upstream.headers)
-        headers["x-sidecar-attempts"] = str(attempts)
-        headers["x-request-id"] = rid
+        headers.append(("x-sidecar-attempts", str(attempts)))
+        headers.append(("x-request-id", rid))
         status = upstream.status
         length = upstream.content_length
         bodyless = request.method == "HEAD" or status in NO_BODY_STATUSES
@@ -280,17 +281,12 @@ class Proxy:
                         attempts=attempts,
                         detail=f"response body broke: {exc}",
                     )
-                if bodyless:
-                    # Keep the upstream's Content-Length (a HEAD's describes the GET body).
-                    response = web.StreamResponse(
-                        status=status, reason=upstream.reason, headers=headers
-                    )
-                    return response
-                headers.popall("Content-Length", None)
-                return web.Response(
-                    status=status, reason=upstream.reason, body=body, headers=headers
+                return WholeResponse(
+                    status, headers, body, reason=upstream.reason, bodyless=bodyless
                 )
-            response = web.StreamResponse(status=status, reason=upstream.reason, headers=headers)
+            response = web.StreamResponse(
+                status=status, reason=upstream.reason, headers=CIMultiDict(headers)
+            )
             await response.prepare(request)
             try:
                 async for chunk in upstream.iter_chunks(route.body_idle_timeout):
@@ -363,7 +359,7 @@ class Proxy:
         status: int | None = None,
         attempts: int | None = None,
         retry_after: int | None = None,
-    ) -> web.Response:
+    ) -> WholeResponse:
         entry["error"] = reason
         return errors.error_response(
             reason,
@@ -399,12 +395,12 @@ def _new_request_id() -> str:
 
 def _fallback_response(
     fallback: FallbackConfig, rid: str, attempts: int, reason: str
-) -> web.Response:
-    headers: CIMultiDict[str] = CIMultiDict(fallback.headers)
-    headers["x-sidecar-attempts"] = str(attempts)
-    headers["x-sidecar-fallback"] = reason
-    headers["x-request-id"] = rid
-    return web.Response(status=fallback.status, body=fallback.body, headers=headers)
+) -> WholeResponse:
+    headers = list(fallback.headers)
+    headers.append(("x-sidecar-attempts", str(attempts)))
+    headers.append(("x-sidecar-fallback", reason))
+    headers.append(("x-request-id", rid))
+    return WholeResponse(fallback.status, headers, fallback.body)
 
 
 def _override(value: str | None, configured: float, scale: float, positive: bool = False) -> float:

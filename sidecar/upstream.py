@@ -104,16 +104,16 @@ def request_headers(
     return CIMultiDict(kept)
 
 
-def response_headers(upstream: CIMultiDictProxy[str]) -> CIMultiDict[str]:
-    """The upstream's response headers minus hop-by-hop ones."""
+def response_headers(upstream: CIMultiDictProxy[str]) -> list[tuple[str, str]]:
+    """The upstream's response headers minus hop-by-hop ones, in order."""
     extra = _connection_listed(upstream)
-    kept = []
+    kept: list[tuple[str, str]] = []
     for name, value in upstream.items():
         lname = name.lower()
         if lname in HOP_BY_HOP or lname.startswith("proxy-") or (extra and lname in extra):
             continue
         kept.append((name, value))
-    return CIMultiDict(kept)
+    return kept
 
 
 class Attempt:

@@ -462,3 +462,83 @@ async def test_expect_100_continue_is_answered_and_not_forwarded(upstream, sidec
     assert head.startswith(b"HTTP/1.1 200")
     assert up.seen[0].body == b"hello"
     assert "expect" not in up.seen[0].headers
+
+
+async def _read_response(reader: asyncio.StreamReader) -> tuple[bytes, dict[str, list[str]], bytes]:
+    head = await asyncio.wait_for(read_head(reader), 5)
+    status, *lines = head.decode("latin-1").split("\r\n")[:-2]
+    headers: dict[str, list[str]] = {}
+    for line in lines:
+        name, _, value = line.partition(":")
+        headers.setdefault(name.lower(), []).append(value.strip())
+    length = int(headers.get("content-length", ["0"])[0])
+    body = await asyncio.wait_for(reader.readexactly(length), 5) if length else b""
+    return status.encode(), headers, body
+
+
+async def test_small_responses_on_the_wire_pipelined_and_http10(raw_upstream, sidecar):
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            head = await read_head(reader)
+            if b" /api/nocontent " in head:
+                writer.write(b"HTTP/1.1 204 No Content\r\nX-Up: 1\r\n\r\n")
+            elif b" /api/cached " in head:
+                writer.write(
+                    b'HTTP/1.1 304 Not Modified\r\nETag: "v1"\r\nContent-Length: 9\r\n\r\n'
+                )
+            else:
+                writer.write(
+                    b"HTTP/1.1 200 OK\r\nX-Up: a\r\nX-Up: b\r\n"
+                    b"Date: Tue, 01 Jan 2030 00:00:00 GMT\r\nContent-Length: 5\r\n\r\nhello"
+                )
+            await writer.drain()
+
+    raw = await raw_upstream(handler)
+    sc = await sidecar(one_service(raw.address))
+    reader, writer = await asyncio.open_connection("127.0.0.1", sc.listen)
+    # Three requests pipelined in one write: three answers, in order, on one connection.
+    writer.write(
+        b"GET /api/a HTTP/1.1\r\nHost: x\r\n\r\n"
+        b"GET /api/nocontent HTTP/1.1\r\nHost: x\r\n\r\n"
+        b"GET /api/cached HTTP/1.1\r\nHost: x\r\n\r\n"
+    )
+    status, headers, body = await _read_response(reader)
+    assert status == b"HTTP/1.1 200 OK"
+    assert body == b"hello"
+    assert headers["content-length"] == ["5"]  # exactly one
+    assert "transfer-encoding" not in headers and "connection" not in headers
+    assert headers["x-up"] == ["a", "b"]  # repeated headers kept, in order
+    assert headers["date"] == ["Tue, 01 Jan 2030 00:00:00 GMT"]  # the upstream's, not ours
+    assert headers["x-sidecar-attempts"] == ["1"]
+    status, headers, body = await _read_response(reader)
+    assert status == b"HTTP/1.1 204 No Content"
+    assert "content-length" not in headers and headers["x-up"] == ["1"]
+    assert len(headers["date"]) == 1  # the sidecar adds one when the upstream gave none
+    head = await asyncio.wait_for(read_head(reader), 5)
+    assert head.startswith(b"HTTP/1.1 304 Not Modified\r\n")
+    assert b"Content-Length: 9\r\n" in head  # a 304 describes the cached body: kept as sent
+    writer.close()
+
+    # HTTP/1.0 without keep-alive: answered in 1.0, then the sidecar closes.
+    reader, writer = await asyncio.open_connection("127.0.0.1", sc.listen)
+    writer.write(b"GET /api/a HTTP/1.0\r\nHost: x\r\n\r\n")
+    status, headers, body = await _read_response(reader)
+    assert status == b"HTTP/1.0 200 OK" and body == b"hello"
+    assert await asyncio.wait_for(reader.read(), 5) == b""
+    writer.close()
+
+    # HTTP/1.0 asking for keep-alive gets it, said out loud, and the connection stays.
+    reader, writer = await asyncio.open_connection("127.0.0.1", sc.listen)
+    for _ in range(2):
+        writer.write(b"GET /api/a HTTP/1.0\r\nHost: x\r\nConnection: keep-alive\r\n\r\n")
+        status, headers, body = await _read_response(reader)
+        assert headers["connection"] == ["keep-alive"] and body == b"hello"
+    writer.close()
+
+    # An HTTP/1.1 client asking to close gets `Connection: close`, then EOF.
+    reader, writer = await asyncio.open_connection("127.0.0.1", sc.listen)
+    writer.write(b"GET /api/a HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    status, headers, body = await _read_response(reader)
+    assert headers["connection"] == ["close"] and body == b"hello"
+    assert await asyncio.wait_for(reader.read(), 5) == b""
+    writer.close()
