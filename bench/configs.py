@@ -14,6 +14,14 @@ SCALING_PATH = f"/svc{SCALING_ROUTES - 1:04d}"
 
 DEFAULT_RETRY_ON = ("connect-failure", "reset", "503")
 DEFAULT_RESET_TIMEOUT = "30s"  # the circuit breaker's default
+# Both proxies make at most 1 + MAX_RETRIES attempts per request: `max_retries: 3` in
+# conf/sidecar.yaml.tmpl, `retries 3` in conf/haproxy.cfg.tmpl (keep the three in step).
+MAX_RETRIES = 3
+# The outage scenario's variant, reported beside the targets but not judged: the same
+# sidecar with a short breaker reset_timeout, to show the recovery that tuning buys over
+# the default (30 s) the targets are judged on.
+OUTAGE_VARIANT_RESET = "2s"
+OUTAGE_VARIANT_ROLE = f"sidecar+reset{OUTAGE_VARIANT_RESET}"
 OUTLIER = (
     "    outlier_detection: { consecutive_failures: 5, ejection_time: 30s, "
     "max_ejection_percent: 50 }"

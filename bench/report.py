@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import math
 import statistics
 from typing import Any
 
-from bench.configs import SCALING_ROUTES
+from bench.configs import OUTAGE_VARIANT_RESET, OUTAGE_VARIANT_ROLE, SCALING_ROUTES
 
 MIB = 1048576
+ALPHA = 0.05  # below this one-sided p-value, the sidecar's extra failures are not chance
 STAT_KEYS = ("rps", "mib_s", "p50", "p90", "p99", "cpu_us_per_req", "cpu_ms_per_mib", "cpu_pct")
 
 
@@ -112,6 +114,46 @@ def compute_derived(summary: dict[str, Any], extra: dict[str, Any]) -> dict[str,
     return d
 
 
+def _log_comb(n: int, k: int) -> float:
+    return math.lgamma(n + 1) - math.lgamma(k + 1) - math.lgamma(n - k + 1)
+
+
+def fisher_one_sided(a_ok: int, a_failed: int, b_ok: int, b_failed: int) -> float:
+    """One-sided Fisher exact test p-value for "A fails more often than B": the chance, with
+    the margins fixed and one failure rate for both, that A gets at least a_failed of the
+    failures (hypergeometric upper tail). Summed in log space: the counts reach thousands,
+    where the binomial coefficients overflow a float."""
+    n_a = a_ok + a_failed
+    total = n_a + b_ok + b_failed
+    failed = a_failed + b_failed
+    log_all = _log_comb(total, n_a)
+    logs = [
+        _log_comb(failed, x) + _log_comb(total - failed, n_a - x) - log_all
+        for x in range(a_failed, min(failed, n_a) + 1)
+    ]
+    if not logs:
+        return 1.0
+    top = max(logs)
+    return min(1.0, math.exp(top) * math.fsum(math.exp(v - top) for v in logs))
+
+
+def _p_text(p: float) -> str:
+    if p < 1e-6:
+        return "p<1e-6"
+    return f"p={p:.1e}" if p < 0.001 else f"p={p:.2g}"
+
+
+def _chance_note(sc: dict[str, Any], hp: dict[str, Any]) -> str:
+    """Whether the sidecar's lower success rate is more than chance (it never changes `met`)."""
+    s_failed, h_failed = sc["requests"] - sc["ok"], hp["requests"] - hp["ok"]
+    p = fisher_one_sided(sc["ok"], s_failed, hp["ok"], h_failed)
+    verdict = "difference within chance" if p >= ALPHA else "significant"
+    return (
+        f"failed {s_failed}/{sc['requests']} vs {h_failed}/{hp['requests']}: "
+        f"{verdict} (one-sided Fisher {_p_text(p)})"
+    )
+
+
 def _target(name: str, value: str, goal: str, met: bool | None, note: str = "") -> dict[str, Any]:
     return {"target": name, "value": value, "goal": goal, "met": met, "note": note}
 
@@ -182,12 +224,14 @@ def evaluate_targets(
         sc, hp = res.get("sidecar", {}), res.get("haproxy", {})
         if sc.get("success_rate") is None or hp.get("success_rate") is None:
             continue
+        met = sc["success_rate"] >= hp["success_rate"]
         t.append(
             _target(
                 f"resilience {name}: success rate vs HAProxy",
                 f"{100 * sc['success_rate']:.2f} % vs {100 * hp['success_rate']:.2f} %",
                 ">= HAProxy",
-                sc["success_rate"] >= hp["success_rate"],
+                met,
+                "" if met else _chance_note(sc, hp),
             )
         )
     outage = resilience.get("outage")
@@ -323,9 +367,9 @@ def markdown(result: dict[str, Any]) -> str:
                     f"+{add_['vs_direct_ms']:.3f} / +{_fmt(add_.get('vs_direct_xcpu_ms'), '.3f')}"
                 )
             rss = (e or e1 or {}).get("vmhwm_mib")
-            label = {"direct": "direct (upstream CPU)", "direct-xcpu": "direct, wrk on CPU 1"}
+            names = {"direct": "direct (upstream CPU)", "direct-xcpu": "direct, wrk on CPU 1"}
             add(
-                f"| {label.get(cfg, cfg)} | {_cell(e, 'rps', ',.0f', True)} "
+                f"| {names.get(cfg, cfg)} | {_cell(e, 'rps', ',.0f', True)} "
                 f"| {_cell(e, 'p50', '.3f')} | {_cell(e, 'p90', '.3f')} | {_cell(e, 'p99', '.3f')} "
                 f"| {_x(_ratio(_med(summary, 'small', cfg, 'rps'), h_rps))} "
                 f"| {_cell(e, 'cpu_us_per_req', '.1f')} "
@@ -428,11 +472,11 @@ def markdown(result: dict[str, Any]) -> str:
         )
         add("|---|---|---|---|---|---|---|---|---|")
         for name, r in res.items():
-            for role in ("sidecar", "haproxy", "sidecar+outlier"):
+            for role in ("sidecar", "haproxy", "sidecar+outlier", OUTAGE_VARIANT_ROLE):
                 e = r.get(role)
                 if not e:
                     continue
-                codes = ", ".join(f"{k}: {n}" for k, n in list(e["codes"].items())[:4])
+                answers = ", ".join(f"{k}: {n}" for k, n in list(e["codes"].items())[:4])
                 sm = e.get("sidecar_metrics") or {}
                 mtext = (
                     f"{sm['retries']} / {sm['retry_budget_exhausted']} / {sm['breaker_opened']}"
@@ -442,16 +486,25 @@ def markdown(result: dict[str, Any]) -> str:
                 add(
                     f"| {name} | {role} | {e['requests']} | {100 * e['success_rate']:.2f} % "
                     f"| {_fmt(e['p50_ms'], '.2f')} | {_fmt(e['p99_ms'], '.2f')} "
-                    f"| {_fmt(e['max_ms'], '.1f')} | {codes} | {mtext} |"
+                    f"| {_fmt(e['max_ms'], '.1f')} | {answers} | {mtext} |"
                 )
         add("")
         for name, r in res.items():
-            add(f"- **{name}**: {r['notes']}; {r['rate']:.0f} req/s for {r['duration_s']} s.")
+            # Driven together, the proxies saw the same upstream at the same time.
+            how = "to each proxy at once" if r.get("together") else "to one proxy after the other"
+            add(f"- **{name}**: {r['notes']}; {r['rate']:.0f} req/s {how} for {r['duration_s']} s.")
         if any("sidecar+outlier" in r for r in res.values()):
             add(
                 "- **sidecar+outlier** (not part of the targets): the same sidecar config plus "
                 "`outlier_detection: {consecutive_failures: 5, ejection_time: 30s, "
                 "max_ejection_percent: 50}`, which is off unless configured."
+            )
+        if any(OUTAGE_VARIANT_ROLE in r for r in res.values()):
+            add(
+                f"- **{OUTAGE_VARIANT_ROLE}** (not part of the targets): the same sidecar config "
+                f"with the breaker's `reset_timeout: {OUTAGE_VARIANT_RESET}` instead of "
+                f"{s['breaker_reset']}, driven alongside the others in the outage: how soon a "
+                "tuned breaker lets traffic through again once the upstream is back."
             )
         out = res.get("outage")
         if out:
@@ -459,9 +512,14 @@ def markdown(result: dict[str, Any]) -> str:
             add("### Outage then recovery")
             add("")
             tl = out["timeline"]
+            driven = (
+                f"both proxies and {OUTAGE_VARIANT_ROLE} (not a target)"
+                if OUTAGE_VARIANT_ROLE in out
+                else "both proxies"
+            )
             add(
                 f"Upstream killed at {tl['down_at']:.2f} s, listening again at "
-                f"{tl['back_at']:.2f} s (both proxies driven at once, {out['rate']:.0f} req/s "
+                f"{tl['back_at']:.2f} s ({driven} driven at once, {out['rate']:.0f} req/s "
                 "each)."
             )
             add("")
@@ -470,7 +528,7 @@ def markdown(result: dict[str, Any]) -> str:
                 "| time to fail fast | time to recover after upstream is back |"
             )
             add("|---|---|---|---|---|")
-            for role in ("sidecar", "haproxy"):
+            for role in ("sidecar", "haproxy", OUTAGE_VARIANT_ROLE):
                 e = out.get(role)
                 if not e:
                     continue
@@ -487,12 +545,12 @@ def markdown(result: dict[str, Any]) -> str:
             probe = tl.get("probe", {})
             if probe.get("latency_ms"):
                 lat = probe["latency_ms"]
-                codes = ", ".join(f"{k}: {n}" for k, n in probe.get("codes", {}).items())
+                answers = ", ".join(f"{k}: {n}" for k, n in probe.get("codes", {}).items())
                 add("")
                 add(
                     f"Fail-fast probe (wrk -c1, 1 s, breaker open): {probe['rps']:,.0f} req/s, "
                     f"p50 {lat['p50']:.3f} ms, p99 {lat['p99']:.3f} ms, max {lat['max']:.2f} ms; "
-                    f"answers {codes}."
+                    f"answers {answers}."
                 )
             co = out.get("sidecar", {}).get("circuit_open")
             if co:

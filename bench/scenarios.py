@@ -5,10 +5,12 @@ per-try timeout in the slow-endpoint scenario) and the same offered load: an ope
 driver (aiohttp client, fixed rate, bounded count and duration, 10 s client timeout) that
 records every request's status and latency. Scenarios:
 
-- errors503:     one upstream, 20 % of its replies are 503
+- errors503:     one upstream, 20 % of its replies are 503 (both proxies at once, for
+                 twice the scenario duration: the same coin flips, and more of them)
 - dead_endpoint: three endpoints, one a closed port
 - outage:        one upstream, killed for N s then started again (both proxies at once,
-                 so they see the same outage); a wrk -c1 probe measures the sidecar's
+                 so they see the same outage, plus a sidecar with a 2 s breaker
+                 reset_timeout as a variant); a wrk -c1 probe measures the sidecar's
                  fail-fast latency while its breaker is open
 - slow_endpoint: three endpoints, one answers after 200 ms; per-try timeout 100 ms
 """
@@ -26,7 +28,13 @@ import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
 from bench import wrk
-from bench.configs import DEFAULT_RETRY_ON, SidecarSpec
+from bench.configs import (
+    DEFAULT_RETRY_ON,
+    MAX_RETRIES,
+    OUTAGE_VARIANT_RESET,
+    OUTAGE_VARIANT_ROLE,
+    SidecarSpec,
+)
 from bench.phases import Bench, Target
 from bench.runner import Proc, expect_200, free_ports, log, wait_port_closed, wait_ready
 
@@ -148,14 +156,21 @@ class Resilience:
         return proc
 
     def _sidecar(
-        self, name: str, endpoints: list[str], *, per_try: bool = False, outlier: bool = False
+        self,
+        name: str,
+        endpoints: list[str],
+        *,
+        per_try: bool = False,
+        outlier: bool = False,
+        reset_timeout: str | None = None,
     ) -> Target:
+        """The bench's sidecar config; `reset_timeout` None: the run's breaker_reset."""
         retry_on = DEFAULT_RETRY_ON + (("per-try-timeout",) if per_try else ())
         spec = SidecarSpec(
             tuple(endpoints),
             per_try_timeout=PER_TRY_TIMEOUT if per_try else None,
             retry_on=retry_on,
-            reset_timeout=self.s.breaker_reset,
+            reset_timeout=reset_timeout or self.s.breaker_reset,
             outlier=outlier,
         )
         return self.b.start_sidecar(name, spec)
@@ -176,6 +191,7 @@ class Resilience:
         one at a time, each under the same open-loop load."""
         out: dict[str, Any] = {"notes": notes, "rate": self.s.scenario_rate}
         out["duration_s"] = self.s.scenario_duration
+        out["together"] = False
         roles = [("sidecar", False), ("haproxy", False)]
         if outlier_variant:
             roles.append(("sidecar+outlier", True))
@@ -205,18 +221,70 @@ class Resilience:
         url = f"http://127.0.0.1:{target.port}/"
         return await drive(url, self.s.scenario_rate, self.s.scenario_duration, time.perf_counter())
 
+    async def _drive_together(self, targets: list[Target], duration: float) -> list[list[Sample]]:
+        """The same open-loop schedule to every target at once (one t0)."""
+        t0 = time.perf_counter()
+        return list(
+            await asyncio.gather(
+                *(
+                    drive(f"http://127.0.0.1:{t.port}/", self.s.scenario_rate, duration, t0)
+                    for t in targets
+                )
+            )
+        )
+
     # ------------------------------------------------------------------ scenarios
 
     def errors503(self) -> None:
+        """Both proxies at once against one flaky upstream, for twice the scenario duration.
+
+        A request fails only when all 1 + MAX_RETRIES attempts draw a 503 (0.2^4 = 0.16 %),
+        so a run sees a handful of failures per proxy and the comparison is mostly chance:
+        driving both together gives them the same conditions, the longer run more samples,
+        and the report adds a Fisher exact test when the sidecar comes out behind.
+        """
+        s = self.s
         (port,) = free_ports(1)
         up = self._upstream("upstream-flaky", [f"{port}:flaky:{FLAKY_SHARE}"])
-        self._steady(
-            "errors503",
-            [f"127.0.0.1:{port}"],
-            False,
-            f"one upstream, {FLAKY_SHARE:.0%} of replies are 503",
-        )
+        endpoints = [f"127.0.0.1:{port}"]
+        targets = {
+            "sidecar": self._sidecar("sidecar-errors503", endpoints),
+            "haproxy": self._haproxy("haproxy-errors503", endpoints),
+        }
+        duration = 2 * s.scenario_duration
+        attempts = MAX_RETRIES + 1
+        per_proxy = max(1, int(s.scenario_rate * duration))  # drive()'s request count
+        expected = per_proxy * FLAKY_SHARE**attempts
+        out: dict[str, Any] = {
+            "notes": (
+                f"one upstream, {FLAKY_SHARE:.0%} of replies are 503; failures expected if "
+                f"attempts were independent: {per_proxy} x {FLAKY_SHARE:g}^{attempts} = "
+                f"{expected:.2f} per proxy"
+            ),
+            "rate": s.scenario_rate,
+            "duration_s": duration,
+            "together": True,
+            "attempts_per_request": attempts,
+            "expected_failed_per_proxy": round(expected, 3),
+        }
+        t0 = time.monotonic()
+        results = _run(self._drive_together(list(targets.values()), duration))
+        wall = round(time.monotonic() - t0, 2)
+        for (role, target), samples in zip(targets.items(), results, strict=True):
+            summary = summarize(samples)
+            summary["wall_s"] = wall
+            if target.admin_port is not None:
+                summary["sidecar_metrics"] = scrape(target.admin_port)
+            out[role] = summary
+            log(
+                f"  {target.name:<28} success {100 * (summary['success_rate'] or 0):6.2f} % "
+                f"failed {summary['requests'] - summary['ok']} (expected {expected:.2f}) "
+                f"p99 {summary['p99_ms']} ms  {summary['codes']} "
+                f"{summary.get('sidecar_metrics', '')}"
+            )
+            self.b.procs.stop(target.proc)
         self.b.procs.stop(up)
+        self.results["errors503"] = out
 
     def dead_endpoint(self) -> None:
         a, dead, c = free_ports(3)
@@ -250,13 +318,21 @@ class Resilience:
         up: list[Proc] = [self._upstream("upstream-outage", listen)]
         sidecar = self._sidecar("sidecar-outage", [f"127.0.0.1:{port}"])
         haproxy = self._haproxy("haproxy-outage", [f"127.0.0.1:{port}"])
+        targets = {"sidecar": sidecar, "haproxy": haproxy}
         reset_s = _seconds(s.breaker_reset)
+        # The default breaker recovers reset_timeout after it opened, long after the upstream
+        # is back; a variant with a short reset_timeout, driven alongside, shows what tuning
+        # it buys. With a reset_timeout already that short (smoke) it would be a duplicate.
+        if reset_s > _seconds(OUTAGE_VARIANT_RESET):
+            targets[OUTAGE_VARIANT_ROLE] = self._sidecar(
+                "sidecar-outage-reset", [f"127.0.0.1:{port}"], reset_timeout=OUTAGE_VARIANT_RESET
+            )
         after = max(3.0, reset_s - s.outage_down + 3.0)
         total = s.outage_up + s.outage_down + after
         probe_at = s.outage_up + max(0.3, min(1.5, s.outage_down - 1.2))
         timeline: dict[str, Any] = {}
 
-        async def scenario() -> tuple[list[Sample], list[Sample]]:
+        async def scenario() -> list[list[Sample]]:
             t0 = time.perf_counter()
 
             def now() -> float:
@@ -276,30 +352,41 @@ class Resilience:
                 up[0] = await asyncio.to_thread(self._upstream, "upstream-outage-2", listen)
                 timeline["back_at"] = round(now(), 3)
 
-            rs, rh, _ = await asyncio.gather(
-                drive(f"http://127.0.0.1:{sidecar.port}/", s.outage_rate, total, t0),
-                drive(f"http://127.0.0.1:{haproxy.port}/", s.outage_rate, total, t0),
-                control(),
+            drives = asyncio.gather(
+                *(
+                    drive(f"http://127.0.0.1:{t.port}/", s.outage_rate, total, t0)
+                    for t in targets.values()
+                )
             )
-            return rs, rh
+            driven, _ = await asyncio.gather(drives, control())
+            return driven
 
         log(
             f"  outage: up {s.outage_up}s, down {s.outage_down}s, then {after:.0f}s "
-            f"(breaker reset_timeout {s.breaker_reset}); {s.outage_rate:.0f} req/s to each proxy"
+            f"(breaker reset_timeout {s.breaker_reset}); {s.outage_rate:.0f} req/s to each of "
+            f"{', '.join(targets)}"
         )
-        rs, rh = _run(scenario())
+        driven = _run(scenario())
         down, back = timeline["down_at"], timeline["back_at"]
+        variant = (
+            f"; variant {OUTAGE_VARIANT_ROLE}: reset_timeout {OUTAGE_VARIANT_RESET}"
+            if OUTAGE_VARIANT_ROLE in targets
+            else ""
+        )
         out: dict[str, Any] = {
             "notes": (
                 f"one upstream, killed at {down:.1f}s and back at {back:.1f}s; "
-                f"sidecar breaker reset_timeout {s.breaker_reset}"
+                f"sidecar breaker reset_timeout {s.breaker_reset}{variant}"
             ),
             "rate": s.outage_rate,
             "duration_s": round(total, 2),
+            "together": True,
             "timeline": timeline,
             "breaker_reset_timeout_s": reset_s,
         }
-        for role, samples in (("sidecar", rs), ("haproxy", rh)):
+        if OUTAGE_VARIANT_ROLE in targets:
+            out["variant_reset_timeout_s"] = _seconds(OUTAGE_VARIANT_RESET)
+        for (role, target), samples in zip(targets.items(), driven, strict=True):
             summary = summarize(samples)
             summary["before"] = summarize([x for x in samples if x.t < down])
             summary["during"] = summarize([x for x in samples if down <= x.t < back])
@@ -307,19 +394,18 @@ class Resilience:
             rec = _recovered_at(samples, back)
             summary["recover_s"] = None if rec is None else round(max(0.0, rec - back), 3)
             opened = [x for x in samples if x.reason == "circuit_open"]
-            if role == "sidecar":
+            if target.admin_port is not None:  # a sidecar: it has a breaker and /metrics
                 first = min((x.t for x in opened if x.t >= down), default=None)
                 summary["fail_fast_after_s"] = None if first is None else round(first - down, 3)
                 summary["circuit_open"] = summarize(opened) if opened else None
-                assert sidecar.admin_port is not None
-                summary["sidecar_metrics"] = scrape(sidecar.admin_port)
+                summary["sidecar_metrics"] = scrape(target.admin_port)
             out[role] = summary
             log(
-                f"  {role:<8} success {100 * (summary['success_rate'] or 0):6.2f} % "
+                f"  {role:<15} success {100 * (summary['success_rate'] or 0):6.2f} % "
                 f"p99 {summary['p99_ms']} ms  during-outage p99 {summary['during']['p99_ms']} ms "
                 f"recover {summary['recover_s']} s  {summary['codes']}"
             )
-        for t in (sidecar, haproxy):
+        for t in targets.values():
             self.b.procs.stop(t.proc)
         self.b.procs.stop(up[0])
         self.results["outage"] = out
