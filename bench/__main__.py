@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     wall = time.monotonic() - wall0
 
     summary = report.summarize_runs(bench.runs)
-    derived = report.compute_derived(summary, bench.extra)
+    derived = report.compute_derived(summary, bench.extra, bench.runs)
     result: dict[str, Any] = {
         "meta": {
             "started": started,

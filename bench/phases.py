@@ -52,8 +52,8 @@ class Settings:
     c1_rounds: int = 3
     body_duration: int = 3
     body_rounds: int = 5  # large loopback transfers are bimodal (BASELINES.md)
-    scaling_duration: int = 4
-    scaling_rounds: int = 3
+    scaling_duration: int = 3
+    scaling_rounds: int = 5  # judged on per-round ratios: more, shorter rounds
     bigbody_duration: int = 3
     warmup: int = 1
     scenario_duration: float = 5.0

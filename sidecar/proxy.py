@@ -190,10 +190,12 @@ class Proxy:
                     detail="aborted by fault injection",
                 )
 
-        loop = asyncio.get_running_loop()
+        body: bytes | StreamedBody | None = None
         try:
-            async with asyncio.timeout(max(0.0, deadline - loop.time())):
-                body = await self._request_body(request, route, max_retries)
+            if request.body_exists:  # most requests have none: no timer to arm and cancel
+                loop = asyncio.get_running_loop()
+                async with asyncio.timeout(max(0.0, deadline - loop.time())):
+                    body = await self._request_body(request, route, max_retries)
         except TimeoutError:
             route.count_timeout("route")
             return self._error(
@@ -231,9 +233,7 @@ class Proxy:
 
     async def _request_body(
         self, request: web.BaseRequest, route: RouteRuntime, max_retries: int
-    ) -> bytes | StreamedBody | None:
-        if not request.body_exists:
-            return None
+    ) -> bytes | StreamedBody:
         if request.version == HttpVersion11 and "Expect" in request.headers:
             await _continue(request)
         content = request.content

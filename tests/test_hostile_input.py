@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 
 import pytest
 from helpers import one_service
@@ -150,3 +151,21 @@ async def test_h2c_upgrade_is_not_forwarded(upstream, sidecar):
     for seen in up.seen:
         assert "upgrade" not in seen.headers
         assert "http2-settings" not in seen.headers
+
+
+async def test_request_body_that_stalls_gets_504_at_the_route_timeout(upstream, sidecar):
+    up = await upstream()
+    sc = await sidecar(one_service(up.address, route_extra="timeout: 300ms"))
+    reader, writer = await asyncio.open_connection("127.0.0.1", sc.listen)
+    # Ten bytes announced, three sent, then nothing: the body never completes.
+    writer.write(b"POST /api HTTP/1.1\r\nHost: a\r\nContent-Length: 10\r\n\r\nabc")
+    await writer.drain()
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    assert head.startswith(b"HTTP/1.1 504 ")
+    assert b"x-sidecar-error: timeout" in head
+    length = int(head.split(b"Content-Length: ")[1].split(b"\r\n")[0])
+    error = json.loads(await asyncio.wait_for(reader.readexactly(length), 5))
+    assert error["error"] == "timeout"
+    assert "request body" in error["detail"]
+    writer.close()
+    assert up.hits == 0  # nothing of a half-received request goes upstream
