@@ -38,8 +38,55 @@ from sidecar.tasks import TaskOwner
 log = logging.getLogger("sidecar.server")
 
 
+# A request head must arrive whole within this long of its first byte, as with nginx's
+# client_header_timeout. Otherwise a client trickling a head (slowloris) holds its
+# connection, and a file descriptor, for aiohttp's keep-alive timeout: about an hour,
+# which stays, because closing idle connections early races the app's connection pool.
+HEAD_TIMEOUT = 60.0
+
+
 class _ProxyRequestHandler(RequestHandler):
-    """aiohttp's connection handler, answering unparsable requests in our error format."""
+    """aiohttp's connection handler, answering unparsable requests in our error format
+    and closing connections whose request head does not arrive in time."""
+
+    _head_timer: asyncio.TimerHandle | None = None
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        if self._messages or self._request_in_progress:
+            self._cancel_head_timer()  # a whole head arrived, or a request is running
+        elif data and self._head_timer is None:
+            # Bytes in, yet no request queued or running: the start of a head.
+            self._head_timer = self._loop.call_later(HEAD_TIMEOUT, self._head_timed_out)
+
+    async def finish_response(
+        self, request: BaseRequest, resp: StreamResponse, start_time: float | None
+    ) -> tuple[StreamResponse, bool]:
+        # Body bytes can land between a head being taken and its handler starting, and
+        # look like the start of a head: every finished request clears the slate.
+        self._cancel_head_timer()
+        return await super().finish_response(request, resp, start_time)
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self._cancel_head_timer()
+        super().connection_lost(exc)
+
+    def _cancel_head_timer(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _head_timed_out(self) -> None:
+        self._head_timer = None
+        transport = self.transport
+        if self._messages or self._request_in_progress or transport is None:
+            return
+        log.info(
+            "closed a connection from %s: request head not complete within %gs",
+            transport.get_extra_info("peername"),
+            HEAD_TIMEOUT,
+        )
+        self.force_close()  # closes the transport too
 
     def handle_error(
         self,

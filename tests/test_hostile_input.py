@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 
 import pytest
 from helpers import one_service
+
+from sidecar import server as sidecar_server
 
 
 async def raw_exchange(port: int, data: bytes) -> tuple[bytes, bool]:
@@ -169,3 +172,56 @@ async def test_request_body_that_stalls_gets_504_at_the_route_timeout(upstream, 
     assert "request body" in error["detail"]
     writer.close()
     assert up.hits == 0  # nothing of a half-received request goes upstream
+
+
+async def test_a_head_trickled_past_the_head_timeout_is_cut_off(
+    upstream, sidecar, client, monkeypatch
+):
+    monkeypatch.setattr(sidecar_server, "HEAD_TIMEOUT", 0.3)  # a short configured duration
+    up = await upstream()
+    sc = await sidecar(one_service(up.address, route_extra="timeout: 5s"))
+
+    # Slowloris: a byte of head every 50 ms, never finishing. Closed after ~0.3 s,
+    # while another client is served normally.
+    reader, writer = await asyncio.open_connection("127.0.0.1", sc.listen)
+    writer.write(b"GET /api HTTP/1.1\r\nHost: a\r\n")
+    closed = False
+    for _ in range(100):  # at most 5 s
+        await asyncio.sleep(0.05)
+        if reader.at_eof() or writer.is_closing():
+            closed = True
+            break
+        try:
+            writer.write(b"X")
+            await writer.drain()
+        except ConnectionError:
+            closed = True
+            break
+        with contextlib.suppress(TimeoutError):
+            if await asyncio.wait_for(reader.read(1), 0.001) == b"":
+                closed = True
+                break
+    writer.close()
+    assert closed
+    async with client.get(f"{sc.url}/api") as resp:
+        assert resp.status == 200
+
+    # A keep-alive connection idle for longer than the head timeout is not a slow head.
+    reader, writer = await asyncio.open_connection("127.0.0.1", sc.listen)
+    for _ in range(2):
+        writer.write(b"GET /api HTTP/1.1\r\nHost: a\r\n\r\n")
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        assert head.startswith(b"HTTP/1.1 200")
+        length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+        await asyncio.wait_for(reader.readexactly(length), 5)
+        await asyncio.sleep(0.6)
+
+    # Nor is a whole head followed by a body that takes longer than the head timeout.
+    writer.write(b"POST /api HTTP/1.1\r\nHost: a\r\nContent-Length: 6\r\n\r\nab")
+    for part in (b"cd", b"ef"):
+        await asyncio.sleep(0.25)
+        writer.write(part)
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    assert head.startswith(b"HTTP/1.1 200")
+    writer.close()
+    assert up.seen[-1].body == b"abcdef"
