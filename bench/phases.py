@@ -47,9 +47,9 @@ class Settings:
 
     mode: str = "full"
     small_duration: int = 5
-    small_rounds: int = 3
+    small_rounds: int = 5  # the headline ratios: more rounds, steadier medians
     c1_duration: int = 3
-    c1_rounds: int = 3
+    c1_rounds: int = 5
     body_duration: int = 3
     body_rounds: int = 5  # large loopback transfers are bimodal (BASELINES.md)
     scaling_duration: int = 3
