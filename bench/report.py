@@ -528,7 +528,7 @@ def markdown(result: dict[str, Any]) -> str:
             add(
                 f"- **{OUTAGE_VARIANT_ROLE}** (not part of the targets): the same sidecar config "
                 f"with the breaker's `reset_timeout: {OUTAGE_VARIANT_RESET}` instead of "
-                f"{s['breaker_reset']}, driven alongside the others in the outage: how soon a "
+                f"{s['breaker_reset']}, in an outage of its own, timed like the first: how soon a "
                 "tuned breaker lets traffic through again once the upstream is back."
             )
         out = res.get("outage")
@@ -537,15 +537,16 @@ def markdown(result: dict[str, Any]) -> str:
             add("### Outage then recovery")
             add("")
             tl = out["timeline"]
-            driven = (
-                f"both proxies and {OUTAGE_VARIANT_ROLE} (not a target)"
+            alone = (
+                f"; {OUTAGE_VARIANT_ROLE} (not a target) then went through the same outage "
+                "on its own, so its work stays out of the fail-fast probe"
                 if OUTAGE_VARIANT_ROLE in out
-                else "both proxies"
+                else ""
             )
             add(
                 f"Upstream killed at {tl['down_at']:.2f} s, listening again at "
-                f"{tl['back_at']:.2f} s ({driven} driven at once, {out['rate']:.0f} req/s "
-                "each)."
+                f"{tl['back_at']:.2f} s (both proxies driven at once, {out['rate']:.0f} req/s "
+                f"each{alone})."
             )
             add("")
             add(

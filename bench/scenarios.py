@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import time
 import urllib.request
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -130,6 +130,14 @@ def _recovered_at(samples: list[Sample], since: float) -> float | None:
             break
         first = s.t
     return first
+
+
+@dataclass
+class OutageRun:
+    targets: dict[str, Target]  # role -> proxy, in driving order
+    driven: list[list[Sample]]  # per target, same order
+    timeline: dict[str, Any]  # down_at, back_at, ... (and the fail-fast probe, if run)
+    scraped: dict[str, dict[str, Any]]  # role -> the sidecar's /metrics account
 
 
 class Resilience:
@@ -313,22 +321,87 @@ class Resilience:
 
     def outage(self) -> None:
         s = self.s
+        reset_s = _seconds(s.breaker_reset)
+        after = max(3.0, reset_s - s.outage_down + 3.0)
+        total = s.outage_up + s.outage_down + after
+        log(
+            f"  outage: up {s.outage_up}s, down {s.outage_down}s, then {after:.0f}s "
+            f"(breaker reset_timeout {s.breaker_reset}); {s.outage_rate:.0f} req/s to "
+            "sidecar and haproxy at once"
+        )
+        main = self._outage_run(
+            lambda port: {
+                "sidecar": self._sidecar("sidecar-outage", [f"127.0.0.1:{port}"]),
+                "haproxy": self._haproxy("haproxy-outage", [f"127.0.0.1:{port}"]),
+            },
+            total,
+            probe=True,
+        )
+        runs = [main]
+        timeline = main.timeline
+        # The default breaker recovers reset_timeout after it opened, long after the upstream
+        # is back; a variant with a short reset_timeout shows what tuning it buys. It gets
+        # an outage of its own, after the others: sharing the proxy core with them would
+        # put its work in the fail-fast probe's latency. With a reset_timeout already that
+        # short (smoke) it would be a duplicate.
+        variant = reset_s > _seconds(OUTAGE_VARIANT_RESET)
+        if variant:
+            log(f"  outage again, for {OUTAGE_VARIANT_ROLE} alone")
+            runs.append(
+                self._outage_run(
+                    lambda port: {
+                        OUTAGE_VARIANT_ROLE: self._sidecar(
+                            "sidecar-outage-reset",
+                            [f"127.0.0.1:{port}"],
+                            reset_timeout=OUTAGE_VARIANT_RESET,
+                        )
+                    },
+                    total,
+                    probe=False,
+                )
+            )
+        down, back = timeline["down_at"], timeline["back_at"]
+        note = (
+            f"; variant {OUTAGE_VARIANT_ROLE}: reset_timeout {OUTAGE_VARIANT_RESET}, "
+            "in an identical outage of its own"
+            if variant
+            else ""
+        )
+        out: dict[str, Any] = {
+            "notes": (
+                f"one upstream, killed at {down:.1f}s and back at {back:.1f}s; "
+                f"sidecar breaker reset_timeout {s.breaker_reset}{note}"
+            ),
+            "rate": s.outage_rate,
+            "duration_s": round(total, 2),
+            "together": True,
+            "timeline": timeline,
+            "breaker_reset_timeout_s": reset_s,
+        }
+        if variant:
+            out["variant_reset_timeout_s"] = _seconds(OUTAGE_VARIANT_RESET)
+            out["variant_timeline"] = runs[1].timeline
+        for run in runs:
+            for (role, target), samples in zip(run.targets.items(), run.driven, strict=True):
+                out[role] = self._outage_summary(
+                    role, target, samples, run.timeline, run.scraped.get(role)
+                )
+        self.results["outage"] = out
+
+    def _outage_run(
+        self,
+        make_targets: Callable[[int], dict[str, Target]],
+        total: float,
+        *,
+        probe: bool,
+    ) -> OutageRun:
+        """One upstream, the targets in front of it driven at once; the upstream is killed
+        after outage_up and started again outage_down later. Everything is stopped after."""
+        s = self.s
         (port,) = free_ports(1)
         listen = [str(port)]
         up: list[Proc] = [self._upstream("upstream-outage", listen)]
-        sidecar = self._sidecar("sidecar-outage", [f"127.0.0.1:{port}"])
-        haproxy = self._haproxy("haproxy-outage", [f"127.0.0.1:{port}"])
-        targets = {"sidecar": sidecar, "haproxy": haproxy}
-        reset_s = _seconds(s.breaker_reset)
-        # The default breaker recovers reset_timeout after it opened, long after the upstream
-        # is back; a variant with a short reset_timeout, driven alongside, shows what tuning
-        # it buys. With a reset_timeout already that short (smoke) it would be a duplicate.
-        if reset_s > _seconds(OUTAGE_VARIANT_RESET):
-            targets[OUTAGE_VARIANT_ROLE] = self._sidecar(
-                "sidecar-outage-reset", [f"127.0.0.1:{port}"], reset_timeout=OUTAGE_VARIANT_RESET
-            )
-        after = max(3.0, reset_s - s.outage_down + 3.0)
-        total = s.outage_up + s.outage_down + after
+        targets = make_targets(port)
         probe_at = s.outage_up + max(0.3, min(1.5, s.outage_down - 1.2))
         timeline: dict[str, Any] = {}
 
@@ -343,10 +416,10 @@ class Resilience:
                 timeline["down_at"] = round(now(), 3)
                 await asyncio.to_thread(self.b.procs.kill, up[0])
                 await asyncio.to_thread(wait_port_closed, port)
-                await asyncio.sleep(max(0.0, probe_at - now()))
-                timeline["probe_at"] = round(now(), 3)
-                probe = await asyncio.to_thread(self._probe, sidecar)
-                timeline["probe"] = probe
+                if probe:
+                    await asyncio.sleep(max(0.0, probe_at - now()))
+                    timeline["probe_at"] = round(now(), 3)
+                    timeline["probe"] = await asyncio.to_thread(self._probe, targets["sidecar"])
                 await asyncio.sleep(max(0.0, s.outage_up + s.outage_down - now()))
                 timeline["restart_at"] = round(now(), 3)
                 up[0] = await asyncio.to_thread(self._upstream, "upstream-outage-2", listen)
@@ -361,54 +434,43 @@ class Resilience:
             driven, _ = await asyncio.gather(drives, control())
             return driven
 
-        log(
-            f"  outage: up {s.outage_up}s, down {s.outage_down}s, then {after:.0f}s "
-            f"(breaker reset_timeout {s.breaker_reset}); {s.outage_rate:.0f} req/s to each of "
-            f"{', '.join(targets)}"
-        )
         driven = _run(scenario())
-        down, back = timeline["down_at"], timeline["back_at"]
-        variant = (
-            f"; variant {OUTAGE_VARIANT_ROLE}: reset_timeout {OUTAGE_VARIANT_RESET}"
-            if OUTAGE_VARIANT_ROLE in targets
-            else ""
-        )
-        out: dict[str, Any] = {
-            "notes": (
-                f"one upstream, killed at {down:.1f}s and back at {back:.1f}s; "
-                f"sidecar breaker reset_timeout {s.breaker_reset}{variant}"
-            ),
-            "rate": s.outage_rate,
-            "duration_s": round(total, 2),
-            "together": True,
-            "timeline": timeline,
-            "breaker_reset_timeout_s": reset_s,
+        # Each sidecar's own account, read before its process goes.
+        scraped = {
+            role: scrape(t.admin_port) for role, t in targets.items() if t.admin_port is not None
         }
-        if OUTAGE_VARIANT_ROLE in targets:
-            out["variant_reset_timeout_s"] = _seconds(OUTAGE_VARIANT_RESET)
-        for (role, target), samples in zip(targets.items(), driven, strict=True):
-            summary = summarize(samples)
-            summary["before"] = summarize([x for x in samples if x.t < down])
-            summary["during"] = summarize([x for x in samples if down <= x.t < back])
-            summary["after"] = summarize([x for x in samples if x.t >= back])
-            rec = _recovered_at(samples, back)
-            summary["recover_s"] = None if rec is None else round(max(0.0, rec - back), 3)
-            opened = [x for x in samples if x.reason == "circuit_open"]
-            if target.admin_port is not None:  # a sidecar: it has a breaker and /metrics
-                first = min((x.t for x in opened if x.t >= down), default=None)
-                summary["fail_fast_after_s"] = None if first is None else round(first - down, 3)
-                summary["circuit_open"] = summarize(opened) if opened else None
-                summary["sidecar_metrics"] = scrape(target.admin_port)
-            out[role] = summary
-            log(
-                f"  {role:<15} success {100 * (summary['success_rate'] or 0):6.2f} % "
-                f"p99 {summary['p99_ms']} ms  during-outage p99 {summary['during']['p99_ms']} ms "
-                f"recover {summary['recover_s']} s  {summary['codes']}"
-            )
-        for t in targets.values():
-            self.b.procs.stop(t.proc)
+        for target in targets.values():
+            self.b.procs.stop(target.proc)
         self.b.procs.stop(up[0])
-        self.results["outage"] = out
+        return OutageRun(targets, driven, timeline, scraped)
+
+    def _outage_summary(
+        self,
+        role: str,
+        target: Target,
+        samples: list[Sample],
+        timeline: dict[str, Any],
+        scraped: dict[str, Any] | None,
+    ) -> dict[str, Any]:
+        down, back = timeline["down_at"], timeline["back_at"]
+        summary = summarize(samples)
+        summary["before"] = summarize([x for x in samples if x.t < down])
+        summary["during"] = summarize([x for x in samples if down <= x.t < back])
+        summary["after"] = summarize([x for x in samples if x.t >= back])
+        rec = _recovered_at(samples, back)
+        summary["recover_s"] = None if rec is None else round(max(0.0, rec - back), 3)
+        opened = [x for x in samples if x.reason == "circuit_open"]
+        if target.admin_port is not None:  # a sidecar: it has a breaker and /metrics
+            first = min((x.t for x in opened if x.t >= down), default=None)
+            summary["fail_fast_after_s"] = None if first is None else round(first - down, 3)
+            summary["circuit_open"] = summarize(opened) if opened else None
+            summary["sidecar_metrics"] = scraped
+        log(
+            f"  {role:<15} success {100 * (summary['success_rate'] or 0):6.2f} % "
+            f"p99 {summary['p99_ms']} ms  during-outage p99 {summary['during']['p99_ms']} ms "
+            f"recover {summary['recover_s']} s  {summary['codes']}"
+        )
+        return summary
 
     def _probe(self, sidecar: Target) -> dict[str, Any]:
         """wrk -c1 for 1 s at the sidecar while its breaker is open: fail-fast latency."""
