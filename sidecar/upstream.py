@@ -47,6 +47,7 @@ RESPONSE: Final = "response"
 
 
 _EMPTY: Final = frozenset[str]()
+_RESPONSE_DROPPED: Final = HOP_BY_HOP | frozenset({"x-request-id", "x-sidecar-attempts"})
 # Request headers the loop below replaces or drops; one set lookup decides for most names.
 _REQUEST_SPECIAL: Final = (
     HOP_BY_HOP
@@ -105,12 +106,14 @@ def request_headers(
 
 
 def response_headers(upstream: CIMultiDictProxy[str]) -> list[tuple[str, str]]:
-    """The upstream's response headers minus hop-by-hop ones, in order."""
+    """The upstream's response headers minus hop-by-hop ones and the two the proxy sets
+    itself (an upstream often echoes x-request-id; one behind its own sidecar sends
+    x-sidecar-attempts), in order."""
     extra = _connection_listed(upstream)
     kept: list[tuple[str, str]] = []
     for name, value in upstream.items():
         lname = name.lower()
-        if lname in HOP_BY_HOP or lname.startswith("proxy-") or (extra and lname in extra):
+        if lname in _RESPONSE_DROPPED or lname.startswith("proxy-") or (extra and lname in extra):
             continue
         kept.append((name, value))
     return kept

@@ -542,3 +542,35 @@ async def test_small_responses_on_the_wire_pipelined_and_http10(raw_upstream, si
     assert headers["connection"] == ["close"] and body == b"hello"
     assert await asyncio.wait_for(reader.read(), 5) == b""
     writer.close()
+
+
+async def test_request_id_and_attempts_are_never_doubled_by_an_echoing_upstream(
+    raw_upstream, sidecar
+):
+    # Services often echo x-request-id; one behind its own sidecar adds x-sidecar-attempts.
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            head = await read_head(reader)
+            echo = b"X-Request-Id: from-upstream\r\nx-sidecar-attempts: 7\r\n"
+            if b" /api/stream " in head:  # no length: streamed back chunked
+                writer.write(
+                    b"HTTP/1.1 200 OK\r\n" + echo + b"Transfer-Encoding: chunked\r\n\r\n"
+                    b"2\r\nok\r\n0\r\n\r\n"
+                )
+            else:
+                writer.write(b"HTTP/1.1 200 OK\r\n" + echo + b"Content-Length: 2\r\n\r\nok")
+            await writer.drain()
+
+    raw = await raw_upstream(handler)
+    sc = await sidecar(one_service(raw.address))
+    reader, writer = await asyncio.open_connection("127.0.0.1", sc.listen)
+    for path in (b"/api/small", b"/api/stream"):
+        writer.write(b"GET " + path + b" HTTP/1.1\r\nHost: x\r\nX-Request-Id: mine\r\n\r\n")
+        head = (await asyncio.wait_for(read_head(reader), 5)).lower()
+        assert head.count(b"x-request-id:") == 1 and b"x-request-id: mine\r\n" in head
+        assert head.count(b"x-sidecar-attempts:") == 1 and b"x-sidecar-attempts: 1\r\n" in head
+        if b"chunked" in head:
+            await asyncio.wait_for(reader.readuntil(b"0\r\n\r\n"), 5)
+        else:
+            await asyncio.wait_for(reader.readexactly(2), 5)
+    writer.close()
