@@ -212,18 +212,25 @@ class Resilience:
                 )
             t0 = time.monotonic()
             samples = _run(self._drive_one(target))
-            summary = summarize(samples)
-            summary["wall_s"] = round(time.monotonic() - t0, 2)
-            if target.admin_port is not None:
-                summary["sidecar_metrics"] = scrape(target.admin_port)
-            out[role] = summary
-            log(
-                f"  {target.name:<28} success {100 * (summary['success_rate'] or 0):6.2f} % "
-                f"p99 {summary['p99_ms']} ms  {summary['codes']} "
-                f"{summary.get('sidecar_metrics', '')}"
-            )
+            out[role] = self._record(target, samples, round(time.monotonic() - t0, 2))
             self.b.procs.stop(target.proc)
         self.results[name] = out
+
+    def _record(
+        self, target: Target, samples: list[Sample], wall: float, expected: str = ""
+    ) -> dict[str, Any]:
+        """A target's summary, with the sidecar's own metrics when it has them; logged."""
+        summary = summarize(samples)
+        summary["wall_s"] = wall
+        if target.admin_port is not None:
+            summary["sidecar_metrics"] = scrape(target.admin_port)
+        log(
+            f"  {target.name:<28} success {100 * (summary['success_rate'] or 0):6.2f} % "
+            f"failed {summary['requests'] - summary['ok']}{expected} "
+            f"p99 {summary['p99_ms']} ms  {summary['codes']} "
+            f"{summary.get('sidecar_metrics', '')}"
+        )
+        return summary
 
     async def _drive_one(self, target: Target) -> list[Sample]:
         url = f"http://127.0.0.1:{target.port}/"
@@ -279,17 +286,7 @@ class Resilience:
         results = _run(self._drive_together(list(targets.values()), duration))
         wall = round(time.monotonic() - t0, 2)
         for (role, target), samples in zip(targets.items(), results, strict=True):
-            summary = summarize(samples)
-            summary["wall_s"] = wall
-            if target.admin_port is not None:
-                summary["sidecar_metrics"] = scrape(target.admin_port)
-            out[role] = summary
-            log(
-                f"  {target.name:<28} success {100 * (summary['success_rate'] or 0):6.2f} % "
-                f"failed {summary['requests'] - summary['ok']} (expected {expected:.2f}) "
-                f"p99 {summary['p99_ms']} ms  {summary['codes']} "
-                f"{summary.get('sidecar_metrics', '')}"
-            )
+            out[role] = self._record(target, samples, wall, f" (expected {expected:.2f})")
             self.b.procs.stop(target.proc)
         self.b.procs.stop(up)
         self.results["errors503"] = out
