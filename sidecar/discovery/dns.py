@@ -11,7 +11,11 @@ Resolution goes through aiodns (c-ares), which never blocks the event loop. `nam
   and gets the record's port. A target of "." means "no service" and is skipped.
 
 An error, a timeout or an empty answer (NXDOMAIN, no records) counts as a failure and
-keeps the last good set: a DNS blip must not empty a service.
+keeps the last good set: a DNS blip must not empty a service. After a failure the next
+try comes sooner than `refresh` (0.5 s, doubling up to `refresh`), as with Envoy's
+`dns_failure_refresh_rate`: a lookup that failed as the sidecar started (the resolver
+not up yet, a dropped packet) would otherwise leave the service without endpoints for
+a whole refresh.
 """
 
 from __future__ import annotations
@@ -27,6 +31,8 @@ from sidecar.config.model import Address, DnsDiscovery
 from sidecar.discovery import DiscoverySink
 
 log = logging.getLogger("sidecar.discovery")
+
+FAILURE_RETRY_BASE = 0.5  # s; doubles per consecutive failure, never past `refresh`
 
 _ADDRESS_TYPES = (pycares.ARecordData, pycares.AAAARecordData)
 
@@ -57,25 +63,43 @@ class DnsSource:
         )
         # Bound a whole refresh (SRV needs follow-up lookups) even if c-ares misbehaves.
         bound = self.try_timeout * self.tries * max(1, len(self.config.nameservers)) * 3 + 1
+        failures = 0
         try:
             while True:
-                try:
-                    async with asyncio.timeout(bound):
-                        addresses = await self.resolve(resolver)
-                except aiodns.error.DNSError as exc:
-                    sink.discovery_failed(self._describe_error(exc))
-                except TimeoutError:
-                    sink.discovery_failed(f"{self._what()}: no answer within {bound:.1f}s")
-                except ValueError as exc:
-                    sink.discovery_failed(str(exc))
+                if await self._refresh(resolver, bound, sink):
+                    failures = 0
+                    delay = self.config.refresh
                 else:
-                    if addresses:
-                        sink.discovered(addresses)
-                    else:
-                        sink.discovery_failed(f"{self._what()}: no usable records")
-                await asyncio.sleep(self.config.refresh)
+                    failures += 1
+                    delay = self.retry_delay(failures)
+                await asyncio.sleep(delay)
         finally:
             await resolver.close()
+
+    def retry_delay(self, failures: int) -> float:
+        """How long after the `failures`-th failure in a row to try again."""
+        backoff: float = FAILURE_RETRY_BASE * 2.0 ** min(failures - 1, 16)
+        return min(self.config.refresh, backoff)
+
+    async def _refresh(
+        self, resolver: aiodns.DNSResolver, bound: float, sink: DiscoverySink
+    ) -> bool:
+        """One lookup, reported to `sink`; True if it gave endpoints."""
+        try:
+            async with asyncio.timeout(bound):
+                addresses = await self.resolve(resolver)
+        except aiodns.error.DNSError as exc:
+            sink.discovery_failed(self._describe_error(exc))
+        except TimeoutError:
+            sink.discovery_failed(f"{self._what()}: no answer within {bound:.1f}s")
+        except ValueError as exc:
+            sink.discovery_failed(str(exc))
+        else:
+            if addresses:
+                sink.discovered(addresses)
+                return True
+            sink.discovery_failed(f"{self._what()}: no usable records")
+        return False
 
     def _what(self) -> str:
         return f"DNS {self.config.record} {self.config.name}"
