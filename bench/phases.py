@@ -1,8 +1,9 @@
 """The run: settings, the processes under test, and the throughput phases.
 
 Layout (as in perf/BASELINES.md): wrk, the upstream, the load driver and this process on
-CPU 0; the proxy under test on CPU 1. Every phase runs its configs interleaved round-robin
-(A B C A B C ...) and the report takes medians with min-max.
+CPU 0; the proxy under test on CPU 1. Every phase runs its configs interleaved,
+each round starting one config later (A B C, B C A, C A B, ...), and the report takes
+medians with min-max.
 """
 
 from __future__ import annotations
@@ -288,7 +289,10 @@ class Bench:
                 self.measure(phase, t, path, connections, self.settings.warmup, 0, record=False)
         retries_left = rounds  # bounded: at most one extra run per round on average
         for r in range(1, rounds + 1):
-            for t in targets:
+            # Each round starts one config later (A B C, B C A, C A B, ...): a config that
+            # always ran first, say, would carry whatever that slot does to it.
+            shift = (r - 1) % len(targets)
+            for t in targets[shift:] + targets[:shift]:
                 rec = self.measure(phase, t, path, connections, duration, r)
                 if rec["foreign_cpu_pct"] > FOREIGN_LIMIT and retries_left > 0:
                     # Another job on the machine took CPU during this run: run it again,
