@@ -2,10 +2,11 @@
 
 Most of what the sidecar answers is small: an upstream reply of a few KiB, or one of its
 own JSON errors. aiohttp's `Response` builds a header multidict, fills in defaults and
-serialises through a buffered writer, which cost about a sixth of the sidecar's CPU per
-request. `WholeResponse` is a `StreamResponse` as far as aiohttp's server is concerned
-(so keep-alive, pipelining and draining are unchanged), but its `prepare` writes the
-finished bytes straight to the transport.
+serialises through a buffered writer; skipping that saved about a tenth of the sidecar's
+CPU per request (interleaved A/B at 50 connections). `WholeResponse` is a
+`StreamResponse` as far as aiohttp's server is concerned (so keep-alive, pipelining and
+draining are unchanged), but its `prepare` writes the finished bytes straight to the
+transport.
 
 Headers are passed through as given: nothing is added but `Content-Length`, `Date` when
 missing, and `Connection` when keep-alive needs saying (HTTP/1.0, or a closing 1.1).
@@ -28,7 +29,7 @@ from multidict import CIMultiDict
 WRITE_HIGH_WATER: Final = 64 * 1024
 
 _NO_HEADERS: Final = CIMultiDict[str]()
-# Set per response by the proxy: the body, if any, is not ours to describe.
+# Dropped from a response with a body: its length is set here from the body we hold.
 _LENGTH_HEADERS: Final = frozenset({"content-length", "transfer-encoding"})
 
 
