@@ -8,17 +8,18 @@ from __future__ import annotations
 import json
 from typing import Final
 
-from sidecar.responses import WholeResponse
+from sidecar.http.response import WholeResponse
+from sidecar.vocab import Reason
 
-NO_ROUTE: Final = "no_route"
-CIRCUIT_OPEN: Final = "circuit_open"
-OVERLOADED: Final = "overloaded"
-NO_HEALTHY_UPSTREAM: Final = "no_healthy_upstream"
-UPSTREAM_UNREACHABLE: Final = "upstream_unreachable"
-UPSTREAM_RESET: Final = "upstream_reset"
-TIMEOUT: Final = "timeout"
-FAULT_INJECTED: Final = "fault_injected"
-BAD_REQUEST: Final = "bad_request"
+NO_ROUTE: Final = Reason.NO_ROUTE
+CIRCUIT_OPEN: Final = Reason.CIRCUIT_OPEN
+OVERLOADED: Final = Reason.OVERLOADED
+NO_HEALTHY_UPSTREAM: Final = Reason.NO_HEALTHY_UPSTREAM
+UPSTREAM_UNREACHABLE: Final = Reason.UPSTREAM_UNREACHABLE
+UPSTREAM_RESET: Final = Reason.UPSTREAM_RESET
+TIMEOUT: Final = Reason.TIMEOUT
+FAULT_INJECTED: Final = Reason.FAULT_INJECTED
+BAD_REQUEST: Final = Reason.BAD_REQUEST
 
 STATUS: Final = {
     NO_ROUTE: 404,
@@ -32,7 +33,7 @@ STATUS: Final = {
 }
 
 
-def error_body(reason: str, route: str | None, service: str | None, detail: str | None) -> bytes:
+def error_body(reason: Reason, route: str | None, service: str | None, detail: str | None) -> bytes:
     return json.dumps(
         {"error": reason, "route": route, "service": service, "detail": detail},
         separators=(",", ":"),
@@ -40,7 +41,7 @@ def error_body(reason: str, route: str | None, service: str | None, detail: str 
 
 
 def error_response(
-    reason: str,
+    reason: Reason,
     *,
     route: str | None = None,
     service: str | None = None,

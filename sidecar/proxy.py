@@ -23,14 +23,16 @@ from aiohttp import HttpVersion11, web
 from multidict import CIMultiDict
 
 from sidecar import errors
+from sidecar.attempts import forward
 from sidecar.config.model import FallbackConfig
-from sidecar.h1client import UpstreamPool, UpstreamResponse
+from sidecar.http.response import WholeResponse
 from sidecar.logs import AccessLog
-from sidecar.resilience.retry import Exchange, StreamedBody, forward
-from sidecar.responses import WholeResponse
+from sidecar.request import Exchange, StreamedBody
 from sidecar.routing import BadPath, normalize_path, rewrite
 from sidecar.runtime import RouteRuntime, Runtime
-from sidecar.upstream import CONNECT_ERROR, RESET, RESPONSE, request_headers, response_headers
+from sidecar.upstream import request_headers, response_headers
+from sidecar.upstream.h1 import UpstreamPool, UpstreamResponse
+from sidecar.vocab import Outcome, Reason
 
 log = logging.getLogger("sidecar.proxy")
 
@@ -226,7 +228,7 @@ class Proxy:
             entry["attempts"] = ex.attempts
         attempt = ex.last
 
-        if attempt is None or attempt.kind != RESPONSE:
+        if attempt is None or attempt.kind is not Outcome.RESPONSE:
             return self._failure(entry, rid, route, ex)
         assert attempt.response is not None
         return await self._relay(request, attempt.response, ex.attempts, rid, entry, route)
@@ -340,9 +342,9 @@ class Proxy:
             return self._error(
                 entry, reason, rid, route, detail=f"no healthy endpoint for {route.service_name}"
             )
-        if attempt.kind == CONNECT_ERROR:
+        if attempt.kind is Outcome.CONNECT_ERROR:
             reason = errors.UPSTREAM_UNREACHABLE
-        elif attempt.kind == RESET:
+        elif attempt.kind is Outcome.RESET:
             reason = errors.UPSTREAM_RESET
         else:
             reason = errors.TIMEOUT
@@ -351,7 +353,7 @@ class Proxy:
     def _error(
         self,
         entry: dict[str, Any],
-        reason: str,
+        reason: Reason,
         rid: str,
         route: RouteRuntime | None = None,
         *,

@@ -27,13 +27,13 @@ from aiohttp.web_response import StreamResponse
 from sidecar import errors
 from sidecar.admin import build_admin_app
 from sidecar.config import ConfigError, SidecarConfig, load_config
-from sidecar.h1client import UpstreamPool
 from sidecar.logs import AccessLog, LineWriter, setup_logging
 from sidecar.metrics import Metrics
 from sidecar.proxy import Proxy
 from sidecar.registration import Registration
 from sidecar.runtime import Runtime
 from sidecar.tasks import TaskOwner
+from sidecar.upstream.h1 import UpstreamPool
 
 log = logging.getLogger("sidecar.server")
 

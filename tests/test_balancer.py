@@ -11,10 +11,11 @@ from typing import Any
 import pytest
 from support import addresses, endpoint_gauge, eventually, service, updates
 
-from sidecar.balancer import LeastRequest, RandomBalancer, RoundRobin, make_balancer
-from sidecar.cluster import Cluster, Endpoint
+from sidecar.cluster import Cluster
+from sidecar.cluster.balancer import LeastRequest, RandomBalancer, RoundRobin, make_balancer
 from sidecar.config.model import Address, FileDiscovery, LoadBalancerKind, StaticDiscovery
 from sidecar.discovery import DiscoverySink
+from sidecar.endpoint import Endpoint
 from sidecar.metrics import Metrics
 
 FOUR = addresses("127.0.0.1:9001", "127.0.0.1:9002", "127.0.0.1:9003", "127.0.0.1:9004")
@@ -41,8 +42,8 @@ def test_round_robin_spreads_evenly() -> None:
 def test_round_robin_skips_unavailable_and_stays_even() -> None:
     c = cluster("round_robin")
     a, b, d, e = c.endpoints
-    b.healthy = False
-    d.ejected = True
+    b.health.healthy = False
+    d.ejection.ejected = True
     counts = picks(c, 200)
     # The skipped endpoints' turns are not handed to their neighbours: still 50/50.
     assert counts == {a.key: 100, e.key: 100}
@@ -52,10 +53,10 @@ def test_round_robin_skips_unavailable_and_stays_even() -> None:
 def test_every_balancer_skips_unhealthy_and_ejected(kind: LoadBalancerKind) -> None:
     c = cluster(kind)
     a, b, d, e = c.endpoints
-    a.healthy = False
-    b.ejected = True
-    d.healthy = False
-    d.ejected = True
+    a.health.healthy = False
+    b.ejection.ejected = True
+    d.health.healthy = False
+    d.ejection.ejected = True
     assert set(picks(c, 100)) == {e.key}
 
 
@@ -63,7 +64,7 @@ def test_every_balancer_skips_unhealthy_and_ejected(kind: LoadBalancerKind) -> N
 def test_none_when_nothing_is_available(kind: LoadBalancerKind) -> None:
     c = cluster(kind)
     for e in c.endpoints:
-        e.healthy = False
+        e.health.healthy = False
     assert c.pick() is None
     assert cluster(kind, ()).pick() is None
 
@@ -75,10 +76,10 @@ def test_retries_prefer_an_endpoint_not_tried_yet(kind: LoadBalancerKind) -> Non
     tried = [a, b]
     assert set(picks(c, 200, tried)) <= {d.key, e.key}
     # When every available endpoint was tried, an already tried one is better than none.
-    d.healthy = False
-    e.ejected = True
+    d.health.healthy = False
+    e.ejection.ejected = True
     assert set(picks(c, 50, tried)) <= {a.key, b.key}
-    a.healthy = False
+    a.health.healthy = False
     assert set(picks(c, 20, tried)) == {b.key}
 
 
@@ -127,9 +128,9 @@ def test_endpoint_state_and_availability() -> None:
     e = Endpoint(Address("::1", 8080))
     assert e.key == "[::1]:8080"
     assert (e.state, e.available) == ("healthy", True)
-    e.ejected = True
+    e.ejection.ejected = True
     assert (e.state, e.available) == ("ejected", False)
-    e.healthy = False
+    e.health.healthy = False
     assert (e.state, e.available) == ("unhealthy", False)
 
 
@@ -137,10 +138,10 @@ def test_updates_keep_state_of_staying_endpoints_and_new_ones_start_healthy() ->
     metrics = Metrics()
     c = Cluster(service(StaticDiscovery(FOUR[:2])), metrics)
     a, b = c.endpoints
-    a.in_flight, b.healthy = 4, False
+    a.in_flight, b.health.healthy = 4, False
     c.set_addresses([FOUR[1], FOUR[2]])
     kept, new = c.endpoints
-    assert kept is b and not kept.healthy
+    assert kept is b and not kept.health.healthy
     assert new.address == FOUR[2] and new.state == "healthy" and new.in_flight == 0
     assert a not in c.endpoints
     assert endpoint_gauge(metrics, "healthy") == 1

@@ -8,9 +8,9 @@ from collections import Counter
 from aiohttp import web
 from support import HealthApp, endpoint_gauge, eventually, free_port, serve, service, started
 
-from sidecar.cluster import Endpoint
+from sidecar.cluster.health import HealthChecker
 from sidecar.config.model import Address, HealthCheckConfig, StaticDiscovery
-from sidecar.health import HealthChecker
+from sidecar.endpoint import Endpoint
 from sidecar.metrics import Metrics
 
 FAST = HealthCheckConfig(

@@ -8,9 +8,9 @@ from collections import Counter
 from support import addresses, endpoint_gauge, eventually, service, started
 
 from sidecar.cluster import Cluster
+from sidecar.cluster.outlier import OutlierDetector
 from sidecar.config.model import OutlierDetectionConfig, StaticDiscovery
 from sidecar.metrics import Metrics
-from sidecar.outlier import OutlierDetector
 from sidecar.tasks import TaskOwner
 
 FOUR = addresses("127.0.0.1:9001", "127.0.0.1:9002", "127.0.0.1:9003", "127.0.0.1:9004")
@@ -110,10 +110,10 @@ async def test_repeat_ejections_last_longer() -> None:
     async with started(cfg) as cluster:
         e = cluster.endpoints[0]
         cluster.report(e, False)
-        assert e.ejections == 1
+        assert e.ejection.ejections == 1
         await eventually(lambda: e.state == "healthy")
         cluster.report(e, False)
-        assert e.ejections == 2
+        assert e.ejection.ejections == 2
         # The second ejection lasts 2 x 0.2 s: still out well after the first one's time.
         await asyncio.sleep(0.25)
         assert e.state == "ejected"

@@ -14,11 +14,21 @@ from typing import Literal
 
 LoadBalancerKind = Literal["round_robin", "least_request", "random"]
 DnsRecord = Literal["A", "AAAA", "SRV"]
+Protocol = Literal["http1", "h2c"]
+EscapedSlashes = Literal["reject", "keep"]
 
 # Symbolic retry conditions; numeric statuses are kept as ints beside them.
 RETRY_CONNECT_FAILURE = "connect-failure"
 RETRY_RESET = "reset"
 RETRY_PER_TRY_TIMEOUT = "per-try-timeout"
+# gRPC status conditions (docs/grpc.md): retried only when listed, never by default.
+RETRY_GRPC_CONDITIONS: Mapping[str, int] = {
+    "cancelled": 1,
+    "deadline-exceeded": 4,
+    "resource-exhausted": 8,
+    "internal": 13,
+    "unavailable": 14,
+}
 RETRY_CONDITIONS = (RETRY_CONNECT_FAILURE, RETRY_RESET, RETRY_PER_TRY_TIMEOUT)
 
 
@@ -41,7 +51,7 @@ class BackoffConfig:
 
 @dataclass(frozen=True, slots=True)
 class BudgetConfig:
-    ratio: float = 0.2
+    ratio: float = 0.2  # contract §2 now says 0.25: changed with the budget throttle
     min_per_second: float = 10.0
 
 
@@ -53,6 +63,8 @@ class RetryConfig:
     retry_on: frozenset[str | int] = frozenset(
         {RETRY_CONNECT_FAILURE, RETRY_RESET, RETRY_PER_TRY_TIMEOUT, 502, 503, 504}
     )
+    # gRPC statuses (values of RETRY_GRPC_CONDITIONS) listed in retry_on.
+    retry_on_grpc: frozenset[int] = frozenset()
     backoff: BackoffConfig = BackoffConfig()
     budget: BudgetConfig = BudgetConfig()
     non_idempotent: bool = False
@@ -75,7 +87,8 @@ class FaultDelay:
 @dataclass(frozen=True, slots=True)
 class FaultAbort:
     percent: float
-    status: int
+    status: int = 503  # answered to a non-gRPC request
+    grpc_status: int = 14  # answered (Trailers-Only) to a gRPC request: UNAVAILABLE
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,6 +153,8 @@ class HealthCheckConfig:
     timeout: float = 1.0
     unhealthy_threshold: int = 3
     healthy_threshold: int = 2
+    grpc: bool = False  # h2c services: grpc.health.v1.Health/Check instead of GET path
+    grpc_service: str = ""  # the service name asked about; "" is the whole server
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,12 +165,43 @@ class OutlierDetectionConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class FailureRateConfig:
+    threshold: float = 0.5  # share of failed calls, 0 < x <= 1
+    window: float = 10.0  # seconds, sliding in time buckets
+    min_calls: int = 20  # below this many calls in the window the rate rules wait
+
+
+@dataclass(frozen=True, slots=True)
+class SlowCallConfig:
+    duration: float = 1.0  # an attempt whose response head takes longer is slow
+    rate: float = 0.8  # share of slow calls that trips the breaker, 0 < x <= 1
+
+
+@dataclass(frozen=True, slots=True)
+class ProbeConfig:
+    interval: float = 0.5  # recovery probes while open; jitter only shortens it
+
+
+@dataclass(frozen=True, slots=True)
 class CircuitBreakerConfig:
     failure_threshold: int = 5
-    reset_timeout: float = 30.0
+    failure_rate: FailureRateConfig | None = FailureRateConfig()  # None: the rule is off
+    slow_call: SlowCallConfig | None = None  # off unless configured
+    reset_timeout: float = 30.0  # the first open period (contract §2: 5s, with the new model)
+    # Each failed half-open trial doubles the open period up to this; None: the larger of
+    # 60 s and reset_timeout (see `open_period_cap`).
+    max_reset_timeout: float | None = None
     success_threshold: int = 1
     half_open_max_requests: int = 1
     failure_status: frozenset[int] = frozenset({500, 502, 503, 504})
+    failure_grpc_status: frozenset[int] = frozenset({2, 4, 13, 14})
+    probe: ProbeConfig | None = ProbeConfig()  # None: no recovery probes
+
+    @property
+    def open_period_cap(self) -> float:
+        if self.max_reset_timeout is not None:
+            return self.max_reset_timeout
+        return max(60.0, self.reset_timeout)
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,8 +212,13 @@ class ServiceConfig:
     connect_timeout: float = 1.0
     max_requests: int = 1024
     health_check: HealthCheckConfig | None = None
+    # Contract §7: on by default; switched with the builder and its tests.
     outlier_detection: OutlierDetectionConfig | None = None
     circuit_breaker: CircuitBreakerConfig = CircuitBreakerConfig()
+    # Pooled connections idle longer are closed; an upstream's Keep-Alive: timeout=N lowers
+    # it, retiring a connection at least max(10 %, 250 ms) before N.
+    idle_timeout: float = 4.0
+    protocol: Protocol = "http1"  # how the sidecar talks to the endpoints
 
 
 @dataclass(frozen=True, slots=True)
@@ -186,10 +237,23 @@ class RegisterConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class Http2Config:
+    """HTTP/2 limits on the app-facing listener (and the h2c upstream pool)."""
+
+    max_concurrent_streams: int = 100  # 1..1000
+    max_header_list_size: int = 65536
+    stream_window: int = 65535
+    connection_window: int = 1048576
+
+
+@dataclass(frozen=True, slots=True)
 class SidecarConfig:
     listen: Address = Address("127.0.0.1", 15001)
     admin: Address = Address("127.0.0.1", 15000)
     drain_timeout: float = 15.0
+    listen_path_escaped_slashes: EscapedSlashes = "reject"
+    admin_hosts: tuple[str, ...] = ()  # DNS names besides localhost accepted as admin Host
+    http2: Http2Config = Http2Config()
     services: Mapping[str, ServiceConfig] = field(default_factory=dict)
     routes: tuple[RouteConfig, ...] = ()
     register: RegisterConfig | None = None

@@ -9,7 +9,7 @@ sidecar reasons about (CONTRACT §5 `result` labels):
     response       a response head arrived (any status)
 
 `asyncio.CancelledError` is never mapped: it belongs to whoever cancelled us.
-The client itself is `sidecar.h1client`; this module owns what goes into a request.
+The client itself is `sidecar.upstream.h1`; this module owns what goes into a request.
 """
 
 from __future__ import annotations
@@ -20,8 +20,9 @@ from typing import Final
 
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from sidecar.cluster import Endpoint
-from sidecar.h1client import ConnectFailed, UpstreamPool, UpstreamResponse
+from sidecar.endpoint import Endpoint
+from sidecar.upstream.h1 import ConnectFailed, UpstreamPool, UpstreamResponse
+from sidecar.vocab import Outcome
 
 HOP_BY_HOP: Final = frozenset(
     {
@@ -39,11 +40,6 @@ HOP_BY_HOP: Final = frozenset(
 )
 # Our own per-request controls: consumed here, re-issued with our values.
 SIDECAR_REQUEST_HEADERS: Final = frozenset({"x-sidecar-timeout-ms", "x-sidecar-max-retries"})
-
-CONNECT_ERROR: Final = "connect_error"
-RESET: Final = "reset"
-TIMEOUT: Final = "timeout"
-RESPONSE: Final = "response"
 
 
 _EMPTY: Final = frozenset[str]()
@@ -126,7 +122,7 @@ class Attempt:
 
     def __init__(
         self,
-        kind: str,
+        kind: Outcome,
         endpoint: Endpoint,
         response: UpstreamResponse | None = None,
         detail: str | None = None,
@@ -181,12 +177,12 @@ async def send(
             deadline,
         )
     except ConnectFailed as exc:
-        return Attempt(CONNECT_ERROR, endpoint, detail=_describe(exc))
+        return Attempt(Outcome.CONNECT_ERROR, endpoint, detail=_describe(exc))
     except TimeoutError:
-        return Attempt(TIMEOUT, endpoint, detail=f"no response within {limit * 1000:.0f}ms")
+        return Attempt(Outcome.TIMEOUT, endpoint, detail=f"no response within {limit * 1000:.0f}ms")
     except OSError as exc:  # UpstreamBroken, and resets the kernel reports on write
-        return Attempt(RESET, endpoint, detail=_describe(exc))
-    return Attempt(RESPONSE, endpoint, response=response)
+        return Attempt(Outcome.RESET, endpoint, detail=_describe(exc))
+    return Attempt(Outcome.RESPONSE, endpoint, response=response)
 
 
 def _describe(exc: BaseException) -> str:

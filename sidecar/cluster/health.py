@@ -22,7 +22,7 @@ import aiohttp
 from sidecar.config.model import HealthCheckConfig
 
 if TYPE_CHECKING:
-    from sidecar.cluster import Endpoint
+    from sidecar.endpoint import Endpoint
 
 log = logging.getLogger("sidecar.health")
 
@@ -71,23 +71,24 @@ class HealthChecker:
 
     def record(self, endpoint: Endpoint, ok: bool) -> bool:
         """Count one check result; True when the endpoint's health flipped."""
+        health = endpoint.health
         if ok:
-            endpoint.hc_fails = 0
-            endpoint.hc_passes += 1
-            if not endpoint.healthy and endpoint.hc_passes >= self.config.healthy_threshold:
-                endpoint.healthy = True
+            health.fails = 0
+            health.passes += 1
+            if not health.healthy and health.passes >= self.config.healthy_threshold:
+                health.healthy = True
                 log.info("service %s: endpoint %s is healthy again", self.service, endpoint.key)
                 return True
         else:
-            endpoint.hc_passes = 0
-            endpoint.hc_fails += 1
-            if endpoint.healthy and endpoint.hc_fails >= self.config.unhealthy_threshold:
-                endpoint.healthy = False
+            health.passes = 0
+            health.fails += 1
+            if health.healthy and health.fails >= self.config.unhealthy_threshold:
+                health.healthy = False
                 log.warning(
                     "service %s: endpoint %s failed %d health checks in a row: unhealthy",
                     self.service,
                     endpoint.key,
-                    endpoint.hc_fails,
+                    health.fails,
                 )
                 return True
         return False

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Protocol
 from sidecar.config.model import LoadBalancerKind
 
 if TYPE_CHECKING:
-    from sidecar.cluster import Endpoint
+    from sidecar.endpoint import Endpoint
 
 
 class Balancer(Protocol):

@@ -30,7 +30,7 @@ from sidecar.config.model import OutlierDetectionConfig
 from sidecar.tasks import TaskOwner
 
 if TYPE_CHECKING:
-    from sidecar.cluster import Endpoint
+    from sidecar.endpoint import Endpoint
 
 log = logging.getLogger("sidecar.outlier")
 
@@ -68,16 +68,17 @@ class OutlierDetector:
 
     def record(self, endpoint: Endpoint, ok: bool, endpoints: Sequence[Endpoint]) -> None:
         """One attempt's outcome for `endpoint`, a current member of `endpoints`."""
+        state = endpoint.ejection
         if ok:
-            endpoint.failures = 0
+            state.failures = 0
             return
-        if endpoint.ejected:
+        if state.ejected:
             return
-        endpoint.failures += 1
-        if endpoint.failures < self.config.consecutive_failures:
+        state.failures += 1
+        if state.failures < self.config.consecutive_failures:
             return
         # Only when an ejection is due: count the ejected (rare, so O(n) is fine here).
-        ejected = sum(1 for e in endpoints if e.ejected)
+        ejected = sum(1 for e in endpoints if e.ejection.ejected)
         if ejected >= self.max_ejected(len(endpoints)):
             log.debug(
                 "service %s: %s not ejected: %d of %d already out (max_ejection_percent %g)",
@@ -91,19 +92,20 @@ class OutlierDetector:
         self._eject(endpoint)
 
     def _eject(self, endpoint: Endpoint) -> None:
+        state = endpoint.ejection
         now = time.monotonic()
-        if endpoint.returned_at is not None and now - endpoint.returned_at >= self.cap:
-            endpoint.ejections = 0  # well-behaved for a long while: start over
-        endpoint.ejections += 1
-        duration = self.ejection_time(endpoint.ejections)
-        endpoint.ejected = True
+        if state.returned_at is not None and now - state.returned_at >= self.cap:
+            state.ejections = 0  # well-behaved for a long while: start over
+        state.ejections += 1
+        duration = self.ejection_time(state.ejections)
+        state.ejected = True
         log.warning(
             "service %s: ejected %s for %.3gs after %d consecutive failures (ejection #%d)",
             self.service,
             endpoint.key,
             duration,
-            endpoint.failures,
-            endpoint.ejections,
+            state.failures,
+            state.ejections,
         )
         self._timers[endpoint] = self._owner.spawn(
             self._return_after(endpoint, duration), name=f"eject-return:{endpoint.key}"
@@ -113,9 +115,10 @@ class OutlierDetector:
     async def _return_after(self, endpoint: Endpoint, duration: float) -> None:
         await asyncio.sleep(duration)
         self._timers.pop(endpoint, None)
-        endpoint.ejected = False
-        endpoint.failures = 0
-        endpoint.returned_at = time.monotonic()
+        state = endpoint.ejection
+        state.ejected = False
+        state.failures = 0
+        state.returned_at = time.monotonic()
         log.info("service %s: %s is back from ejection", self.service, endpoint.key)
         self._changed()
 

@@ -4,9 +4,9 @@ The proxy sees only this seam: `pick()` an endpoint (avoiding ones already tried
 `report()` how an attempt went, and `snapshot()` for /admin/state. Behind it:
 
     discovery source  ->  Cluster.discovered() / discovery_failed()    (sidecar.discovery)
-    active checks     ->  Endpoint.healthy                              (sidecar.health)
-    report()          ->  Endpoint.ejected                              (sidecar.outlier)
-    pick()            ->  the configured balancer over available ones   (sidecar.balancer)
+    active checks     ->  Endpoint.health                   (sidecar.cluster.health)
+    report()          ->  Endpoint.ejection                 (sidecar.cluster.outlier)
+    pick()            ->  the configured balancer over available ones   (sidecar.cluster.balancer)
 
 An endpoint that stays across discovery updates keeps its object, and with it its
 in-flight count, health and ejection; a new address starts healthy. Every state change
@@ -21,12 +21,13 @@ import time
 from collections.abc import Collection, Sequence
 from typing import Any
 
-from sidecar.balancer import Balancer, make_balancer
+from sidecar.cluster.balancer import Balancer, make_balancer
+from sidecar.cluster.health import HealthChecker
+from sidecar.cluster.outlier import OutlierDetector
 from sidecar.config.model import Address, ServiceConfig, StaticDiscovery
 from sidecar.discovery import DiscoverySource, make_source
-from sidecar.health import HealthChecker
+from sidecar.endpoint import Endpoint
 from sidecar.metrics import Metrics
-from sidecar.outlier import OutlierDetector
 from sidecar.tasks import TaskOwner
 
 log = logging.getLogger("sidecar.discovery")
@@ -37,51 +38,6 @@ FIRST_RESULT_TIMEOUT = 2.0
 # Back-off for restarting a crashed discovery source.
 RESTART_DELAY = 1.0
 MAX_RESTART_DELAY = 30.0
-
-
-class Endpoint:
-    """One upstream address of a service and everything known about it."""
-
-    __slots__ = (
-        "address",
-        "ejected",
-        "ejections",
-        "failures",
-        "hc_fails",
-        "hc_passes",
-        "healthy",
-        "in_flight",
-        "key",
-        "returned_at",
-    )
-
-    def __init__(self, address: Address) -> None:
-        self.address = address
-        self.key = str(address)  # the `endpoint` metric label and admin address
-        self.in_flight = 0  # maintained by the proxy around each attempt
-        self.healthy = True  # active health checks
-        self.hc_passes = 0
-        self.hc_fails = 0
-        self.ejected = False  # outlier detection
-        self.failures = 0  # consecutive failed attempts
-        self.ejections = 0  # how many times ejected (scales the ejection time)
-        self.returned_at: float | None = None  # monotonic time of the last return
-
-    @property
-    def state(self) -> str:
-        # Unhealthy wins over ejected: it is the condition that outlasts the other.
-        if not self.healthy:
-            return "unhealthy"
-        if self.ejected:
-            return "ejected"
-        return "healthy"
-
-    @property
-    def available(self) -> bool:
-        return self.healthy and not self.ejected
-
-    def __repr__(self) -> str:
-        return f"<Endpoint {self.key} {self.state} in_flight={self.in_flight}>"
 
 
 class Cluster:
@@ -277,7 +233,7 @@ class Cluster:
                     "address": e.key,
                     "state": e.state,
                     "in_flight": e.in_flight,
-                    "ejections": e.ejections,
+                    "ejections": e.ejection.ejections,
                 }
                 for e in self._endpoints
             ],
