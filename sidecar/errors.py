@@ -1,12 +1,14 @@
-"""Responses the sidecar makes itself (CONTRACT §3): a JSON body and `x-sidecar-error`.
+"""Answers the sidecar makes itself (docs/contract.md, "What the app sees").
 
-The reason is the stable, documented part; `detail` is a human sentence that may change.
+Every such answer has a JSON body `{"error", "route", "service", "detail"}`, the header
+`x-sidecar-error: <reason>` and an RFC 9209 `Proxy-Status` naming the error type. The
+reason is the stable, documented part; `detail` is a human sentence that may change.
 """
 
 from __future__ import annotations
 
 import json
-from typing import Final
+from typing import Final, NamedTuple
 
 from sidecar.http.response import WholeResponse
 from sidecar.vocab import Reason
@@ -32,6 +34,29 @@ STATUS: Final = {
     BAD_REQUEST: 400,
 }
 
+# RFC 9209 error types for each reason; `proxy_error=` refines the two that have several
+# (upstream_unreachable: connection_refused / connection_timeout / dns_error;
+# upstream_reset: http_protocol_error / connection_terminated).
+PROXY_STATUS: Final = {
+    NO_ROUTE: "destination_not_found",
+    CIRCUIT_OPEN: "destination_unavailable",
+    NO_HEALTHY_UPSTREAM: "destination_unavailable",
+    OVERLOADED: "connection_limit_reached",
+    UPSTREAM_UNREACHABLE: "connection_refused",
+    UPSTREAM_RESET: "http_protocol_error",
+    TIMEOUT: "http_response_timeout",
+    BAD_REQUEST: "http_request_error",
+    FAULT_INJECTED: "proxy_internal_response",
+}
+
+
+class Answer(NamedTuple):
+    """A complete answer: status, headers in order, body."""
+
+    status: int
+    headers: list[tuple[str, str]]
+    body: bytes
+
 
 def error_body(reason: Reason, route: str | None, service: str | None, detail: str | None) -> bytes:
     return json.dumps(
@@ -40,7 +65,7 @@ def error_body(reason: Reason, route: str | None, service: str | None, detail: s
     ).encode()
 
 
-def error_response(
+def error_answer(
     reason: Reason,
     *,
     route: str | None = None,
@@ -50,18 +75,29 @@ def error_response(
     attempts: int = 0,
     request_id: str | None = None,
     retry_after: int | None = None,
-) -> WholeResponse:
+    proxy_error: str | None = None,
+) -> Answer:
+    error_type = proxy_error or PROXY_STATUS.get(reason, "proxy_internal_error")
     headers = [
         ("Content-Type", "application/json"),
         ("x-sidecar-error", reason),
         ("x-sidecar-attempts", str(attempts)),
+        ("Proxy-Status", f'sidecar; error={error_type}; details="{reason}"'),
     ]
     if request_id is not None:
         headers.append(("x-request-id", request_id))
     if retry_after is not None:
         headers.append(("Retry-After", str(retry_after)))
-    return WholeResponse(
+    return Answer(
         status if status is not None else STATUS[reason],
         headers,
         error_body(reason, route, service, detail),
     )
+
+
+def error_response(
+    reason: Reason, *, status: int | None = None, detail: str | None = None
+) -> WholeResponse:
+    """An error as an aiohttp response, for answers made outside the proxy's handler."""
+    answer = error_answer(reason, status=status, detail=detail)
+    return WholeResponse(answer.status, answer.headers, answer.body)

@@ -16,7 +16,10 @@ import sys
 import threading
 import time
 from json.encoder import encode_basestring_ascii as _encode_str
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from sidecar.request import AccessRecord
 
 _STOP = object()
 
@@ -33,6 +36,14 @@ class LineWriter:
     def put(self, line: str) -> None:
         self._queue.put(line)
 
+    def flush(self, timeout: float = 2.0) -> bool:
+        """Block until every line put so far is written (False if `timeout` passed).
+
+        Blocking: call it from a thread (`asyncio.to_thread`), never on the event loop."""
+        done = threading.Event()
+        self._queue.put(done)
+        return done.wait(timeout)
+
     def _run(self) -> None:
         q = self._queue
         stream = self._stream
@@ -43,6 +54,11 @@ class LineWriter:
                 if item is _STOP:
                     self._write(stream, batch)
                     return
+                if isinstance(item, threading.Event):
+                    self._write(stream, batch)
+                    batch = []
+                    item.set()
+                    break
                 batch.append(item)  # type: ignore[arg-type]
                 if len(batch) >= 512:
                     break
@@ -107,18 +123,18 @@ class AccessLog:
         self._writer = writer
         self._pending: list[str] = []
 
-    def emit(self, entry: dict[str, Any]) -> None:
+    def emit(self, record: AccessRecord) -> None:
         if self._writer is None:
             return
         enc = _encode_str
-        route, service, error = entry["route"], entry["service"], entry["error"]
+        route, service, error = record.route, record.service, record.error
         line = (
-            f'{{"request_id":{enc(entry["request_id"] or "")},'
+            f'{{"request_id":{enc(record.request_id or "")},'
             f'"route":{"null" if route is None else enc(route)},'
             f'"service":{"null" if service is None else enc(service)},'
-            f'"method":{enc(entry["method"])},"path":{enc(entry["path"] or "")},'
-            f'"status":{int(entry["status"])},"attempts":{int(entry["attempts"])},'
-            f'"duration_ms":{float(entry["duration_ms"])!r},'
+            f'"method":{enc(record.method)},"path":{enc(record.path or "")},'
+            f'"status":{int(record.status)},"attempts":{int(record.attempts)},'
+            f'"duration_ms":{float(record.duration_ms)!r},'
             f'"error":{"null" if error is None else enc(error)},'
             f'"ts":{time.time():.6f},"logger":"sidecar.access"}}\n'
         )

@@ -1,12 +1,13 @@
-"""The request path: one app request in, one response out.
+"""The request path: one app request in, one answer out, for either wire protocol.
 
     parse target -> normalise path -> route -> overrides -> admission (max_requests)
-    -> fault injection -> request body -> attempts (resilience.retry.forward)
-    -> stream the response back, or answer with a sidecar error / fallback
-    -> metrics and one access-log line
+    -> fault injection -> request body -> attempts (sidecar.attempts.forward)
+    -> relay the response, or answer with a sidecar error / fallback
+    -> settle the relayed attempt -> metrics and one access-log line
 
-Everything per-request is looked up in the current `Runtime`, which a reload swaps
-atomically; a request keeps the generation it started with.
+The app side is an `Inbound` and a `Responder` (sidecar.http.base), so HTTP/1.1 and
+HTTP/2 share all of it. Everything per-request is looked up in the current `Runtime`,
+which a reload swaps atomically; a request keeps the generation it started with.
 """
 
 from __future__ import annotations
@@ -17,22 +18,19 @@ import logging
 import math
 import os
 import time
-from typing import Any, Final
-
-from aiohttp import HttpVersion11, web
-from multidict import CIMultiDict
+from typing import Final
 
 from sidecar import errors
-from sidecar.attempts import forward
+from sidecar.attempts import forward, settle
 from sidecar.config.model import FallbackConfig
-from sidecar.http.response import WholeResponse
+from sidecar.http.base import Inbound, Responder
 from sidecar.logs import AccessLog
-from sidecar.request import Exchange, StreamedBody
+from sidecar.request import AccessRecord, Exchange, StreamedBody
 from sidecar.routing import BadPath, normalize_path, rewrite
 from sidecar.runtime import RouteRuntime, Runtime
 from sidecar.upstream import request_headers, response_headers
-from sidecar.upstream.h1 import UpstreamPool, UpstreamResponse
-from sidecar.vocab import Outcome, Reason
+from sidecar.upstream.base import UpstreamClient, UpstreamError, UpstreamResponse
+from sidecar.vocab import Outcome, Reason, TimeoutKind
 
 log = logging.getLogger("sidecar.proxy")
 
@@ -40,60 +38,48 @@ log = logging.getLogger("sidecar.proxy")
 # for the common small reply, and still bounded memory.
 SMALL_BODY: Final = 64 * 1024
 MAX_REQUEST_ID: Final = 200
+MAX_LOGGED_PATH: Final = 2048
 NO_BODY_STATUSES: Final = frozenset({204, 304})
 
 
 class Proxy:
-    def __init__(self, runtime: Runtime, pool: UpstreamPool, access_log: AccessLog) -> None:
+    def __init__(self, runtime: Runtime, client: UpstreamClient, access_log: AccessLog) -> None:
         self.runtime = runtime
-        self.pool = pool
+        self.client = client
         self.access_log = access_log
         self.in_flight = 0  # all proxied requests, for draining
         self.draining = False
-        self.completed = 0
         self._idle: asyncio.Future[None] | None = None
 
-    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
+    def is_draining(self) -> bool:
+        return self.draining
+
+    async def serve(self, inbound: Inbound, out: Responder) -> None:
+        """Answer one request through `out`; never raises but for cancellation."""
         # Deadlines run on the loop's clock (asyncio.timeout uses it); durations on
         # perf_counter, because uvloop's loop.time() is cached per iteration at 1 ms.
         started = time.perf_counter()
         start = asyncio.get_running_loop().time()
         self.in_flight += 1
-        entry: dict[str, Any] = {
-            "request_id": None,
-            "route": None,
-            "service": None,
-            "method": request.method,
-            "path": None,
-            "status": 0,
-            "attempts": 0,
-            "duration_ms": 0.0,
-            "error": None,
-        }
+        record = AccessRecord(inbound.method)
         route: RouteRuntime | None = None
         try:
-            response, route = await self._handle(request, entry, start)
-            entry["status"] = response.status
-            if self.draining:
-                # Tell keep-alive clients to reconnect elsewhere: this process is leaving.
-                response.force_close()
-            return response
+            route = await self._serve(inbound, out, record, start)
         except asyncio.CancelledError:
             # The app hung up (or shutdown cut the request): nginx's 499 says exactly that.
-            entry["status"] = 499
-            entry["error"] = entry["error"] or "client_closed"
+            record.status = 499
+            record.error = record.error or Reason.CLIENT_CLOSED
             raise
         finally:
             self.in_flight -= 1
             if self._idle is not None and self.in_flight == 0 and not self._idle.done():
                 self._idle.set_result(None)
             duration = time.perf_counter() - started
-            entry["duration_ms"] = round(duration * 1000, 3)
+            record.duration_ms = round(duration * 1000, 3)
             if route is not None:
-                route.count_request(entry["status"])
+                route.count_request(record.status)
                 route.m_duration.observe(duration)
-            self.completed += 1
-            self.access_log.emit(entry)
+            self.access_log.emit(record)
 
     async def wait_idle(self) -> None:
         """Return once no proxied request is in flight (used while draining)."""
@@ -103,39 +89,41 @@ class Proxy:
             self._idle = asyncio.get_running_loop().create_future()
         await asyncio.shield(self._idle)
 
-    async def _handle(
-        self, request: web.BaseRequest, entry: dict[str, Any], start: float
-    ) -> tuple[web.StreamResponse, RouteRuntime | None]:
-        headers = request.headers
+    async def _serve(
+        self, inbound: Inbound, out: Responder, record: AccessRecord, start: float
+    ) -> RouteRuntime | None:
+        """Route and admit the request; returns its route, if any, for the metrics."""
+        headers = inbound.headers
         rid = headers.get("x-request-id")
         if not rid or len(rid) > MAX_REQUEST_ID:
             rid = _new_request_id()
-        entry["request_id"] = rid
+        record.request_id = rid
         runtime = self.runtime
 
-        raw = request.raw_path
+        raw = inbound.target
         qpos = raw.find("?")
         raw_path, query = (raw[:qpos], raw[qpos:]) if qpos >= 0 else (raw, "")
-        entry["path"] = raw_path[:2048]
-        method = request.method
+        record.path = raw_path[:MAX_LOGGED_PATH]
+        method = inbound.method
         if method == "CONNECT" or not raw_path.startswith("/"):
             # Absolute-form and authority-form targets: never an open proxy or a tunnel.
-            return self._error(entry, errors.NO_ROUTE, rid, detail="no route for this target"), None
+            await self._error(out, record, Reason.NO_ROUTE, detail="no route for this target")
+            return None
         try:
             path = normalize_path(raw_path)
         except BadPath as exc:
-            return self._error(entry, errors.BAD_REQUEST, rid, detail=str(exc)), None
-        entry["path"] = path[:2048]
+            await self._error(out, record, Reason.BAD_REQUEST, detail=str(exc))
+            return None
+        record.path = path[:MAX_LOGGED_PATH]
 
         host = _host_without_port(headers.get("Host"))
         route = runtime.route_for(path, method, host, headers)
         if route is None:
-            return self._error(
-                entry, errors.NO_ROUTE, rid, detail=f"no route for {method} {path}"
-            ), None
+            await self._error(out, record, Reason.NO_ROUTE, detail=f"no route for {method} {path}")
+            return None
         service = route.service
-        entry["route"] = route.name
-        entry["service"] = service.name
+        record.route = route.name
+        record.service = service.name
 
         timeout = route.config.timeout
         max_retries = route.policy.max_retries
@@ -143,39 +131,44 @@ class Proxy:
             timeout = _override(headers.get("x-sidecar-timeout-ms"), timeout, 1000.0, positive=True)
             max_retries = int(_override(headers.get("x-sidecar-max-retries"), max_retries, 1.0))
         except ValueError as exc:
-            return self._error(entry, errors.BAD_REQUEST, rid, route, detail=str(exc)), route
-        deadline = start + timeout
+            await self._error(out, record, Reason.BAD_REQUEST, route, detail=str(exc))
+            return route
 
         if service.in_flight >= service.max_requests:
             service.m_overloaded.inc()
-            return self._error(
-                entry,
-                errors.OVERLOADED,
-                rid,
+            await self._error(
+                out,
+                record,
+                Reason.OVERLOADED,
                 route,
                 detail=f"{service.max_requests} requests already in flight to {service.name}",
-            ), route
+            )
+            return route
+        ex = Exchange(
+            method=method,
+            target=rewrite(path, route.config) + query,
+            headers=[],
+            body=None,
+            deadline=start + timeout,
+            max_retries=max_retries,
+            deadline_from_app=timeout < route.config.timeout,
+        )
         service.in_flight += 1
         try:
-            return await self._proxy(
-                request, route, entry, rid, method, path, query, deadline, max_retries, host
-            ), route
+            await self._proxy(inbound, out, route, record, ex, host)
         finally:
             service.in_flight -= 1
+        return route
 
     async def _proxy(
         self,
-        request: web.BaseRequest,
+        inbound: Inbound,
+        out: Responder,
         route: RouteRuntime,
-        entry: dict[str, Any],
-        rid: str,
-        method: str,
-        path: str,
-        query: str,
-        deadline: float,
-        max_retries: int,
+        record: AccessRecord,
+        ex: Exchange,
         host: str | None,
-    ) -> web.StreamResponse:
+    ) -> None:
         fault = route.fault
         if fault is not None:
             delay = fault.delay()
@@ -183,207 +176,195 @@ class Proxy:
                 await asyncio.sleep(delay)
             status = fault.abort()
             if status is not None:
-                return self._error(
-                    entry,
-                    errors.FAULT_INJECTED,
-                    rid,
+                await self._error(
+                    out,
+                    record,
+                    Reason.FAULT_INJECTED,
                     route,
                     status=status,
                     detail="aborted by fault injection",
                 )
+                return
 
-        body: bytes | StreamedBody | None = None
-        try:
-            if request.body_exists:  # most requests have none: no timer to arm and cancel
+        if inbound.has_body:  # most requests have none: no timer to arm and cancel
+            try:
                 loop = asyncio.get_running_loop()
-                async with asyncio.timeout(max(0.0, deadline - loop.time())):
-                    body = await self._request_body(request, route, max_retries)
-        except TimeoutError:
-            route.count_timeout("route")
-            return self._error(
-                entry,
-                errors.TIMEOUT,
-                rid,
-                route,
-                detail="request body not received before the route timeout",
-            )
+                async with asyncio.timeout(max(0.0, ex.deadline - loop.time())):
+                    ex.body = await _request_body(inbound, route, ex.max_retries)
+            except TimeoutError:
+                route.count_timeout(TimeoutKind.ROUTE)
+                await self._error(
+                    out,
+                    record,
+                    Reason.TIMEOUT,
+                    route,
+                    detail="request body not received before the route timeout",
+                )
+                return
+            if isinstance(ex.body, StreamedBody):
+                ex.content_length = inbound.content_length
 
-        upstream_headers = request_headers(
-            request.headers,
-            request_id=rid,
-            client_ip=request.remote,
+        ex.headers, app_host = request_headers(
+            inbound.headers, request_id=record.request_id or "", client_ip=inbound.remote
         )
-        ex = Exchange(
-            method=method,
-            path_qs=rewrite(path, route.config) + query,
-            headers=upstream_headers,
-            body=body,
-            deadline=deadline,
-            max_retries=max_retries,
-            host_header=_forwardable_host(host, request.headers.get("Host")),
-        )
+        ex.authority = _forwardable_host(host, app_host)
         try:
-            await forward(ex, route, self.pool)
+            await forward(ex, route, self.client)
         finally:
-            entry["attempts"] = ex.attempts
+            record.attempts = ex.attempts
         attempt = ex.last
-
         if attempt is None or attempt.kind is not Outcome.RESPONSE:
-            return self._failure(entry, rid, route, ex)
+            await self._failure(out, record, route, ex)
+            return
         assert attempt.response is not None
-        return await self._relay(request, attempt.response, ex.attempts, rid, entry, route)
-
-    async def _request_body(
-        self, request: web.BaseRequest, route: RouteRuntime, max_retries: int
-    ) -> bytes | StreamedBody:
-        if request.version == HttpVersion11 and "Expect" in request.headers:
-            await _continue(request)
-        content = request.content
-        length = request.content_length
-        limit = route.config.retries.max_body_bytes
-        if max_retries == 0 or (length is not None and length > limit):
-            return StreamedBody(content)
-        if length is not None:
-            return await content.readexactly(length)
-        # Chunked: buffer up to the limit; past it, send what was read and stream the rest.
-        buf = bytearray()
-        while len(buf) <= limit:
-            chunk = await content.readany()
-            if not chunk:
-                return bytes(buf)
-            buf += chunk
-        return StreamedBody(content, prefix=bytes(buf))
+        broken = True
+        try:
+            broken = await self._relay(inbound, out, attempt.response, ex, record, route)
+        finally:
+            settle(ex, route, broken=broken)
+            attempt.release()
 
     async def _relay(
         self,
-        request: web.BaseRequest,
+        inbound: Inbound,
+        out: Responder,
         upstream: UpstreamResponse,
-        attempts: int,
-        rid: str,
-        entry: dict[str, Any],
+        ex: Exchange,
+        record: AccessRecord,
         route: RouteRuntime,
-    ) -> web.StreamResponse:
+    ) -> bool:
+        """Send the upstream's answer to the app; True if its body broke."""
         headers = response_headers(upstream.headers)
-        headers.append(("x-sidecar-attempts", str(attempts)))
-        headers.append(("x-request-id", rid))
+        headers.append(("x-sidecar-attempts", str(ex.attempts)))
+        headers.append(("x-request-id", record.request_id or ""))
         status = upstream.status
         length = upstream.content_length
-        bodyless = request.method == "HEAD" or status in NO_BODY_STATUSES
-        try:
-            if bodyless or (length is not None and length <= SMALL_BODY):
-                try:
-                    body = await upstream.read(route.body_idle_timeout)
-                except (TimeoutError, OSError) as exc:
-                    # Nothing went to the app yet, so it can still get a clean 502.
-                    return self._error(
-                        entry,
-                        errors.UPSTREAM_RESET,
-                        rid,
-                        route,
-                        attempts=attempts,
-                        detail=f"response body broke: {exc}",
-                    )
-                return WholeResponse(
-                    status, headers, body, reason=upstream.reason, bodyless=bodyless
-                )
-            response = web.StreamResponse(
-                status=status, reason=upstream.reason, headers=CIMultiDict(headers)
-            )
-            await response.prepare(request)
+        bodyless = inbound.method == "HEAD" or status in NO_BODY_STATUSES
+        if bodyless or (length is not None and length <= SMALL_BODY):
             try:
-                async for chunk in upstream.iter_chunks(route.body_idle_timeout):
-                    await response.write(chunk)
+                body = await upstream.read(route.body_idle_timeout)
             except (TimeoutError, OSError) as exc:
-                # The head is out: the only honest signal left is to cut the connection,
-                # so the app cannot take a truncated body for a whole one.
-                entry["error"] = errors.UPSTREAM_RESET
-                log.warning(
-                    "upstream of %s broke mid-response (request %s): %r",
-                    route.service_name,
-                    rid,
-                    exc,
+                # Nothing went to the app yet, so it can still get a clean 502.
+                await self._error(
+                    out,
+                    record,
+                    Reason.UPSTREAM_RESET,
+                    route,
+                    attempts=ex.attempts,
+                    detail=f"response body broke: {exc}",
                 )
-                if request.transport is not None:
-                    request.transport.abort()
-                return response
-            await response.write_eof()
-            return response
-        finally:
-            upstream.release()
+                return True
+            record.status = status
+            await out.send_whole(status, upstream.reason, headers, body, bodyless=bodyless)
+            return False
+        record.status = status
+        await out.start(status, upstream.reason, headers)
+        try:
+            async for chunk in upstream.iter_chunks(route.body_idle_timeout):
+                await out.write(chunk)
+        except (TimeoutError, UpstreamError) as exc:
+            # The head is out: the only honest signal left is to cut the connection,
+            # so the app cannot take a truncated body for a whole one.
+            record.error = Reason.UPSTREAM_RESET
+            log.warning(
+                "upstream of %s broke mid-response (request %s): %r",
+                route.service_name,
+                record.request_id,
+                exc,
+            )
+            out.abort()
+            return True
+        await out.finish(upstream.trailers.items() if upstream.trailers else None)
+        return False
 
-    def _failure(
-        self, entry: dict[str, Any], rid: str, route: RouteRuntime, ex: Exchange
-    ) -> web.StreamResponse:
+    async def _failure(
+        self, out: Responder, record: AccessRecord, route: RouteRuntime, ex: Exchange
+    ) -> None:
         attempt = ex.last
         if attempt is None:
-            reason = ex.refused or errors.NO_HEALTHY_UPSTREAM
+            reason = ex.refused or Reason.NO_HEALTHY_UPSTREAM
             fallback = route.config.fallback
             if fallback is not None:
-                entry["error"] = reason
-                return _fallback_response(fallback, rid, ex.attempts, reason)
-            if reason == errors.CIRCUIT_OPEN:
+                record.error = reason
+                record.status = fallback.status
+                await _send_fallback(out, fallback, record.request_id or "", ex.attempts, reason)
+                return
+            if reason is Reason.CIRCUIT_OPEN:
                 retry_after = max(1, math.ceil(ex.retry_after or 0))
-                return self._error(
-                    entry,
+                await self._error(
+                    out,
+                    record,
                     reason,
-                    rid,
                     route,
                     retry_after=retry_after,
                     detail=f"circuit breaker for {route.service_name} is open",
                 )
+                return
             if ex.deadline <= asyncio.get_running_loop().time():
-                return self._error(
-                    entry,
-                    errors.TIMEOUT,
-                    rid,
+                await self._error(
+                    out,
+                    record,
+                    Reason.TIMEOUT,
                     route,
                     detail="route timeout reached before an attempt",
                 )
-            return self._error(
-                entry, reason, rid, route, detail=f"no healthy endpoint for {route.service_name}"
+                return
+            await self._error(
+                out, record, reason, route, detail=f"no healthy endpoint for {route.service_name}"
             )
+            return
         if attempt.kind is Outcome.CONNECT_ERROR:
-            reason = errors.UPSTREAM_UNREACHABLE
+            reason = Reason.UPSTREAM_UNREACHABLE
         elif attempt.kind is Outcome.RESET:
-            reason = errors.UPSTREAM_RESET
+            reason = Reason.UPSTREAM_RESET
         else:
-            reason = errors.TIMEOUT
-        return self._error(entry, reason, rid, route, attempts=ex.attempts, detail=attempt.detail)
+            reason = Reason.TIMEOUT
+        await self._error(out, record, reason, route, attempts=ex.attempts, detail=attempt.detail)
 
-    def _error(
+    async def _error(
         self,
-        entry: dict[str, Any],
+        out: Responder,
+        record: AccessRecord,
         reason: Reason,
-        rid: str,
         route: RouteRuntime | None = None,
         *,
         detail: str | None = None,
         status: int | None = None,
         attempts: int | None = None,
         retry_after: int | None = None,
-    ) -> WholeResponse:
-        entry["error"] = reason
-        return errors.error_response(
+    ) -> None:
+        record.error = reason
+        answer = errors.error_answer(
             reason,
             route=route.name if route else None,
             service=route.service_name if route else None,
             detail=detail,
             status=status,
-            attempts=attempts if attempts is not None else entry["attempts"],
-            request_id=rid,
+            attempts=attempts if attempts is not None else record.attempts,
+            request_id=record.request_id,
             retry_after=retry_after,
         )
+        record.status = answer.status
+        await out.send_whole(answer.status, None, answer.headers, answer.body, bodyless=False)
 
 
-async def _continue(request: web.BaseRequest) -> None:
-    """Answer `Expect: 100-continue` (aiohttp's low-level server leaves it to us).
-
-    The app is waiting for this before it sends the body; the upstream is not asked,
-    because by the time the upstream request goes out the body is already in hand.
-    """
-    if request.headers["Expect"].strip().lower() == "100-continue":
-        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-        request.writer.output_size = 0  # the real response has not started
+async def _request_body(
+    inbound: Inbound, route: RouteRuntime, max_retries: int
+) -> bytes | StreamedBody:
+    """The body buffered for replay, or streamed when it is larger than the route allows
+    (or retries are off, so there is nothing to replay it for)."""
+    length = inbound.content_length
+    limit = route.config.retries.max_body_bytes
+    if max_retries == 0 or (length is not None and length > limit):
+        return StreamedBody(inbound)
+    # Buffer up to the limit; past it (a chunked body), send what was read and stream the rest.
+    buf = bytearray()
+    while len(buf) <= limit:
+        chunk = await inbound.read_chunk()
+        if not chunk:
+            return bytes(buf)
+        buf += chunk
+    return StreamedBody(inbound, prefix=bytes(buf))
 
 
 # A random per-process prefix and a counter: unique, and far cheaper than uuid4 per request.
@@ -395,14 +376,14 @@ def _new_request_id() -> str:
     return f"{_RID_PREFIX}{next(_rid_counter):012x}"
 
 
-def _fallback_response(
-    fallback: FallbackConfig, rid: str, attempts: int, reason: str
-) -> WholeResponse:
+async def _send_fallback(
+    out: Responder, fallback: FallbackConfig, rid: str, attempts: int, reason: Reason
+) -> None:
     headers = list(fallback.headers)
     headers.append(("x-sidecar-attempts", str(attempts)))
     headers.append(("x-sidecar-fallback", reason))
     headers.append(("x-request-id", rid))
-    return WholeResponse(fallback.status, headers, fallback.body)
+    await out.send_whole(fallback.status, None, headers, fallback.body, bodyless=False)
 
 
 def _override(value: str | None, configured: float, scale: float, positive: bool = False) -> float:

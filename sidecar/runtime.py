@@ -25,6 +25,7 @@ from sidecar.resilience.budget import RetryBudget
 from sidecar.resilience.fault import FaultInjector
 from sidecar.resilience.retry import RetryPolicy
 from sidecar.routing import RouteTable
+from sidecar.vocab import TimeoutKind
 
 log = logging.getLogger("sidecar.runtime")
 
@@ -34,6 +35,7 @@ class ServiceRuntime:
         self.config = config
         self.name = config.name
         self.max_requests = config.max_requests
+        self.connect_timeout = config.connect_timeout
         self.cluster = Cluster(config, metrics)
         self.breaker = ServiceBreaker(config.name, config.circuit_breaker, metrics)
         self.in_flight = 0
@@ -78,7 +80,6 @@ class RouteRuntime:
         budget = config.retries.budget
         self.budget = RetryBudget(budget.ratio, budget.min_per_second)
         self.fault = FaultInjector(config.fault) if config.fault is not None else None
-        self.connect_timeout = service.config.connect_timeout
         # Once the head is in, silence between body chunks longer than this breaks the relay.
         self.body_idle_timeout = config.timeout
         self._metrics = metrics
@@ -86,9 +87,7 @@ class RouteRuntime:
         self.m_duration = metrics.request_duration.labels(*labels)
         self.m_retries = metrics.retries.labels(*labels)
         self.m_budget_exhausted = metrics.retry_budget_exhausted.labels(*labels)
-        self.m_timeouts = {
-            kind: metrics.timeouts.labels(*labels, kind) for kind in ("per_try", "route")
-        }
+        self.m_timeouts = {kind: metrics.timeouts.labels(*labels, kind) for kind in TimeoutKind}
         self._requests: dict[int, Counter] = {}
 
     def count_request(self, status: int) -> None:
@@ -104,7 +103,7 @@ class RouteRuntime:
     def count_budget_exhausted(self) -> None:
         self.m_budget_exhausted.inc()
 
-    def count_timeout(self, kind: str) -> None:
+    def count_timeout(self, kind: TimeoutKind) -> None:
         self.m_timeouts[kind].inc()
 
 

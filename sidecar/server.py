@@ -20,13 +20,12 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 from aiohttp import web
-from aiohttp.web_protocol import RequestHandler
-from aiohttp.web_request import BaseRequest
-from aiohttp.web_response import StreamResponse
 
 from sidecar import errors
 from sidecar.admin import build_admin_app
 from sidecar.config import ConfigError, SidecarConfig, load_config
+from sidecar.http.compat import ProxyServer, set_shutdown_timeout
+from sidecar.http.h1server import H1Handler
 from sidecar.logs import AccessLog, LineWriter, setup_logging
 from sidecar.metrics import Metrics
 from sidecar.proxy import Proxy
@@ -45,70 +44,8 @@ log = logging.getLogger("sidecar.server")
 HEAD_TIMEOUT = 60.0
 
 
-class _ProxyRequestHandler(RequestHandler):
-    """aiohttp's connection handler, answering unparsable requests in our error format
-    and closing connections whose request head does not arrive in time."""
-
-    _head_timer: asyncio.TimerHandle | None = None
-
-    def data_received(self, data: bytes) -> None:
-        super().data_received(data)
-        if self._messages or self._request_in_progress:
-            self._cancel_head_timer()  # a whole head arrived, or a request is running
-        elif data and self._head_timer is None:
-            # Bytes in, yet no request queued or running: the start of a head.
-            self._head_timer = self._loop.call_later(HEAD_TIMEOUT, self._head_timed_out)
-
-    async def finish_response(
-        self, request: BaseRequest, resp: StreamResponse, start_time: float | None
-    ) -> tuple[StreamResponse, bool]:
-        # Body bytes can land between a head being taken and its handler starting, and
-        # look like the start of a head: every finished request clears the slate.
-        self._cancel_head_timer()
-        return await super().finish_response(request, resp, start_time)
-
-    def connection_lost(self, exc: BaseException | None) -> None:
-        self._cancel_head_timer()
-        super().connection_lost(exc)
-
-    def _cancel_head_timer(self) -> None:
-        if self._head_timer is not None:
-            self._head_timer.cancel()
-            self._head_timer = None
-
-    def _head_timed_out(self) -> None:
-        self._head_timer = None
-        transport = self.transport
-        if self._messages or self._request_in_progress or transport is None:
-            return
-        log.info(
-            "closed a connection from %s: request head not complete within %gs",
-            transport.get_extra_info("peername"),
-            HEAD_TIMEOUT,
-        )
-        self.force_close()  # closes the transport too
-
-    def handle_error(
-        self,
-        request: BaseRequest,
-        status: int = 500,
-        exc: BaseException | None = None,
-        message: str | None = None,
-    ) -> StreamResponse:
-        if status >= 500:
-            return super().handle_error(request, status, exc, message)
-        # Hostile or broken input is routine for a proxy: one line, no traceback.
-        log.info("refused a malformed request from %s: %s", request.remote, message or exc)
-        # aiohttp's parser messages carry a caret diagram of the raw input: keep line one.
-        detail = (message or str(exc) or "malformed request").strip().splitlines()[0][:200]
-        response = errors.error_response(errors.BAD_REQUEST, status=status, detail=detail)
-        response.force_close()
-        return response
-
-
-class _ProxyServer(web.Server):
-    def __call__(self) -> RequestHandler:
-        return _ProxyRequestHandler(self, loop=self._loop, **self._kwargs)
+def _malformed_request(status: int, detail: str) -> web.StreamResponse:
+    return errors.error_response(errors.BAD_REQUEST, status=status, detail=detail)
 
 
 class Sidecar:
@@ -155,7 +92,13 @@ class Sidecar:
 
         # handler_cancellation: when the app hangs up, its request is cancelled at once, so
         # the upstream call stops and the breaker does not count the abandoned attempt.
-        server = _ProxyServer(self._proxy.handle, handler_cancellation=True, access_log=None)
+        server = ProxyServer(
+            H1Handler(self._proxy.serve, self._proxy.is_draining),
+            head_timeout=HEAD_TIMEOUT,
+            error_response=_malformed_request,
+            handler_cancellation=True,
+            access_log=None,
+        )
         self._proxy_runner = web.ServerRunner(server, shutdown_timeout=config.drain_timeout)
         await self._proxy_runner.setup()
         await web.TCPSite(
@@ -207,14 +150,14 @@ class Sidecar:
             if proxy is not None and proxy.in_flight:
                 log.warning("drain timeout: %d requests still in flight are cut", proxy.in_flight)
             # What is left of the drain window; never 0, which aiohttp reads as "no limit".
-            runner._shutdown_timeout = max(0.05, deadline - loop.time())
+            set_shutdown_timeout(runner, deadline - loop.time())
             await runner.cleanup()
         if self.registration is not None:
             await self.registration.close()
         if self._runtime is not None:
             await self._runtime.close_all()
         if self._pool is not None:
-            self._pool.close()
+            await self._pool.close()
         if self._admin_runner is not None:
             await self._admin_runner.cleanup()
         log.info("stopped")

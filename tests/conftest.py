@@ -203,12 +203,14 @@ class RunningSidecar:
         return 0.0 if value is None else value
 
     async def access_lines(self) -> list[dict[str, Any]]:
-        # The writer thread drains its queue promptly; wait for it boundedly.
-        for _ in range(100):
-            lines = [e for e in self.capture.lines() if e.get("logger") == "sidecar.access"]
-            if lines and len(lines) >= self.sidecar.proxy.completed:
-                return lines
+        # Lines are emitted when a request ends, batched to the end of the loop iteration,
+        # then written by the writer thread: wait for all three, boundedly.
+        for _ in range(200):
+            if self.sidecar.proxy.in_flight == 0:
+                break
             await asyncio.sleep(0.01)
+        await asyncio.sleep(0)
+        await asyncio.to_thread(self.writer.flush)
         return [e for e in self.capture.lines() if e.get("logger") == "sidecar.access"]
 
 

@@ -97,8 +97,8 @@ def test_least_request_power_of_two_choices_over_three() -> None:
     c = Cluster(
         service(StaticDiscovery(FOUR[:3]), load_balancer="least_request"),
         Metrics(),
+        balancer=LeastRequest(random.Random(7)),
     )
-    c._balancer = LeastRequest(random.Random(7))
     idle, medium, busiest = c.endpoints
     medium.in_flight, busiest.in_flight = 3, 9
     counts = picks(c, 600)

@@ -741,7 +741,7 @@ def exported_series() -> dict[str, set[str]]:
         if not isinstance(metric, Counter | Gauge | Histogram):
             continue
         # prometheus_client keeps the label names only on the metric object.
-        labels = set(metric._labelnames)
+        labels = set(metric._labelnames)  # noqa: SLF001 - no public accessor for them
         (family,) = metric.describe()
         for suffix in suffixes[family.type]:
             name = family.name + suffix

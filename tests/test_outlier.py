@@ -146,6 +146,7 @@ async def test_state_survives_updates_and_removed_endpoints_are_forgotten() -> N
         assert b.state == "healthy"
         cluster.set_addresses([c.address])  # the ejected one goes: its timer is stopped
         assert endpoint_gauge(metrics, "ejected") == 0
-        await eventually(lambda: len(cluster._owner) == 0)  # no discovery task, no timer
+        # No discovery task, no timer (the owner is private: nothing else needs the count).
+        await eventually(lambda: len(cluster._owner) == 0)  # noqa: SLF001
     finally:
         await cluster.close()

@@ -24,11 +24,24 @@ Fields = Iterable[tuple[str, str]]
 class Inbound(Protocol):
     """One request from the app."""
 
-    method: str
-    target: str  # the request target as sent (HTTP/2: `:path`)
-    headers: CIMultiDictProxy[str]
-    version: HttpVersion
-    remote: str | None  # the app's IP address
+    @property
+    def method(self) -> str: ...
+
+    @property
+    def target(self) -> str:
+        """The request target as sent (HTTP/2: `:path`)."""
+        ...
+
+    @property
+    def headers(self) -> CIMultiDictProxy[str]: ...
+
+    @property
+    def version(self) -> HttpVersion: ...
+
+    @property
+    def remote(self) -> str | None:
+        """The app's IP address."""
+        ...
 
     @property
     def has_body(self) -> bool:

@@ -21,19 +21,19 @@ from typing import Final
 
 from aiohttp import HttpVersion10, HttpVersion11, web
 from aiohttp.abc import AbstractStreamWriter
-from multidict import CIMultiDict
+
+from sidecar.http.compat import PreparedResponse
 
 # Past this much unsent output the handler waits for the client to read, as aiohttp's
 # own writer does: a client that pipelines requests and never reads cannot make us
 # buffer without bound.
 WRITE_HIGH_WATER: Final = 64 * 1024
 
-_NO_HEADERS: Final = CIMultiDict[str]()
 # Dropped from a response with a body: its length is set here from the body we hold.
 _LENGTH_HEADERS: Final = frozenset({"content-length", "transfer-encoding"})
 
 
-class WholeResponse(web.StreamResponse):
+class WholeResponse(PreparedResponse):
     """A complete response: status, headers (name, value) in order, and the body.
 
     `bodyless`: a HEAD answer or a 204/304, sent without a body; its headers are kept
@@ -50,7 +50,7 @@ class WholeResponse(web.StreamResponse):
         reason: str | None = None,
         bodyless: bool = False,
     ) -> None:
-        super().__init__(status=status, reason=reason, _real_headers=_NO_HEADERS)
+        super().__init__(status, reason)
         self._pairs = headers
         self._whole_body = body
         self._bodyless = bodyless
@@ -64,13 +64,9 @@ class WholeResponse(web.StreamResponse):
         if transport is None or transport.is_closing():
             raise ConnectionResetError("the client went away before the response")
         version = request.version
-        keep_alive = self._keep_alive
-        if keep_alive is None:
-            keep_alive = request.keep_alive
-        self._keep_alive = keep_alive
-
-        status = self._status
-        lines = [f"HTTP/{version.major}.{version.minor} {status} {self._reason}"]
+        keep_alive = self.decide_keep_alive(request)
+        status = self.status
+        lines = [f"HTTP/{version.major}.{version.minor} {status} {self.reason}"]
         has_date = has_connection = False
         for name, value in self._pairs:
             lname = name.lower()
@@ -105,9 +101,6 @@ class WholeResponse(web.StreamResponse):
         if transport.get_write_buffer_size() > WRITE_HIGH_WATER:
             await request.writer.drain()
         return None
-
-    async def write_eof(self, data: bytes = b"") -> None:
-        self._eof_sent = True
 
 
 class _DateCache:

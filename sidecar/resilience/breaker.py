@@ -120,7 +120,7 @@ class Trial:
     def success(self) -> None:
         """The upstream answered with a status that is not a failure status."""
         if self._claim():
-            self._breaker._resolve(self, "success", None)
+            self._breaker.resolve(self, "success", None)
 
     def failure(self, reason: str) -> None:
         """The attempt failed: `reason` is e.g. "HTTP 503", "connect_error", "timeout", "reset".
@@ -130,7 +130,7 @@ class Trial:
         response (CONTRACT §4); only later attempts get `CircuitOpen`.
         """
         if self._claim():
-            self._breaker._resolve(self, "failure", reason)
+            self._breaker.resolve(self, "failure", reason)
 
     def abandon(self) -> None:
         """The attempt was cancelled before it had an outcome (the app went away, shutdown).
@@ -141,7 +141,7 @@ class Trial:
         at full speed.
         """
         if self._claim():
-            self._breaker._resolve(self, "abandon", None)
+            self._breaker.resolve(self, "abandon", None)
 
     def _claim(self) -> bool:
         if self._resolved:
@@ -184,7 +184,7 @@ class _Tracker(pybreaker.CircuitBreakerListener):
         old_state: pybreaker.CircuitBreakerState | None,
         new_state: pybreaker.CircuitBreakerState,
     ) -> None:
-        self._breaker._on_state_change(_STATE_NAMES[new_state.name])
+        self._breaker.on_state_change(_STATE_NAMES[new_state.name])
 
 
 class BreakerMetricsListener(pybreaker.CircuitBreakerListener):
@@ -296,7 +296,7 @@ class ServiceBreaker:
 
     # -- outcomes --------------------------------------------------------------------------
 
-    def _resolve(self, trial: Trial, outcome: str, reason: str | None) -> None:
+    def resolve(self, trial: Trial, outcome: str, reason: str | None) -> None:
         if outcome == "failure":
             # Informational, so kept even for a stale attempt: it is still this service's
             # most recent failure.
@@ -322,7 +322,7 @@ class ServiceBreaker:
         elif trial.half_open:
             self._cb.open()  # an abandoned trial re-opens (Trial.abandon explains why)
 
-    def _on_state_change(self, state: str) -> None:
+    def on_state_change(self, state: str) -> None:
         self._epoch += 1
         self._trials = 0
         self._since = time.time()

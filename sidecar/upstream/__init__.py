@@ -9,20 +9,22 @@ sidecar reasons about (CONTRACT §5 `result` labels):
     response       a response head arrived (any status)
 
 `asyncio.CancelledError` is never mapped: it belongs to whoever cancelled us.
-The client itself is `sidecar.upstream.h1`; this module owns what goes into a request.
+The clients live beside it (`base` is the seam); this module owns what goes into a request.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
-from multidict import CIMultiDict, CIMultiDictProxy
+from multidict import CIMultiDictProxy
 
 from sidecar.endpoint import Endpoint
-from sidecar.upstream.h1 import ConnectFailed, UpstreamPool, UpstreamResponse
+from sidecar.upstream.base import ConnectFailed, UpstreamClient, UpstreamRequest, UpstreamResponse
 from sidecar.vocab import Outcome
+
+if TYPE_CHECKING:
+    from sidecar.resilience.breaker import Trial
 
 HOP_BY_HOP: Final = frozenset(
     {
@@ -56,6 +58,7 @@ _REQUEST_SPECIAL: Final = (
             "x-forwarded-proto",
             "x-forwarded-host",
             "expect",  # answered by the sidecar itself; the upstream gets the body at once
+            "content-length",  # the client frames the body it sends itself
         }
     )
 )
@@ -73,8 +76,12 @@ def request_headers(
     *,
     request_id: str,
     client_ip: str | None,
-) -> CIMultiDict[str]:
-    """Headers for the upstream request; Host and the per-attempt ones are set per attempt."""
+) -> tuple[list[tuple[str, str]], str | None]:
+    """End-to-end headers for the upstream request, and the app's Host.
+
+    Hop-by-hop fields, framing (the client frames the body itself) and our own controls
+    are dropped; Host and the per-attempt headers are added per attempt.
+    """
     extra = _connection_listed(incoming)
     kept: list[tuple[str, str]] = []
     original_host = None
@@ -98,7 +105,7 @@ def request_headers(
     kept.append(("X-Forwarded-Proto", "http"))
     if original_host:
         kept.append(("X-Forwarded-Host", original_host))
-    return CIMultiDict(kept)
+    return kept, original_host
 
 
 def response_headers(upstream: CIMultiDictProxy[str]) -> list[tuple[str, str]]:
@@ -116,9 +123,12 @@ def response_headers(upstream: CIMultiDictProxy[str]) -> list[tuple[str, str]]:
 
 
 class Attempt:
-    """What one attempt produced: a response head, or the kind of failure."""
+    """What one attempt produced: a response head, or the kind of failure.
 
-    __slots__ = ("detail", "endpoint", "kind", "response")
+    `trial` is the breaker's admission for it; `started` (perf_counter) when it was sent.
+    """
+
+    __slots__ = ("detail", "endpoint", "kind", "response", "started", "trial")
 
     def __init__(
         self,
@@ -131,6 +141,8 @@ class Attempt:
         self.endpoint = endpoint
         self.response = response
         self.detail = detail
+        self.trial: Trial | None = None
+        self.started = 0.0
 
     @property
     def status(self) -> int:
@@ -148,33 +160,18 @@ class Attempt:
             self.response.release()
 
 
-Body = bytes | AsyncIterator[bytes] | None
-
-
 async def send(
-    pool: UpstreamPool,
+    client: UpstreamClient,
     endpoint: Endpoint,
-    method: str,
-    path_qs: str,
-    headers: CIMultiDict[str],
-    body: Body,
+    request: UpstreamRequest,
     limit: float,
     connect_timeout: float,
 ) -> Attempt:
     """Send one attempt and wait for the response head, at most `limit` seconds."""
-    address = endpoint.address
     deadline = asyncio.get_running_loop().time() + limit
     try:
-        response = await pool.request(
-            endpoint.key,
-            address.host,
-            address.port,
-            method,
-            path_qs,
-            headers,
-            body,
-            connect_timeout,
-            deadline,
+        response = await client.request(
+            endpoint, request, connect_timeout=connect_timeout, deadline=deadline
         )
     except ConnectFailed as exc:
         return Attempt(Outcome.CONNECT_ERROR, endpoint, detail=_describe(exc))

@@ -13,8 +13,9 @@ that a proxy hop never uses. This client does only what the hop needs:
   is an error, never guessed at; 1xx interim responses are skipped; the body is streamed
   with read flow control, so memory does not follow the body.
 
-Errors are raised as `ConnectFailed` (the request never left) or `UpstreamBroken` (the
-exchange broke after connecting); `sidecar.upstream` maps them to outcome kinds.
+It implements the `UpstreamClient` seam (sidecar.upstream.base), whose errors it raises:
+`ConnectFailed` (the request never left) or `UpstreamBroken` (the exchange broke after
+connecting); `sidecar.upstream.send` maps them to outcome kinds.
 """
 
 from __future__ import annotations
@@ -30,26 +31,19 @@ from typing import Final, cast
 import httptools
 from multidict import CIMultiDict, CIMultiDictProxy
 
+from sidecar.endpoint import Endpoint
+from sidecar.upstream.base import (
+    ConnectFailed,
+    ConnectTimeout,
+    UpstreamBroken,
+    UpstreamError,
+    UpstreamRequest,
+)
+
 IDLE_TIMEOUT: Final = 30.0  # below common server keep-alive timeouts (nginx 75 s, Go 90 s)
 MAX_IDLE_PER_ENDPOINT: Final = 256
 READ_HIGH_WATER: Final = 256 * 1024  # buffered response bytes before we pause the socket
 READ_LOW_WATER: Final = 64 * 1024
-
-
-class UpstreamError(ConnectionError):
-    """Base of the errors this client raises."""
-
-
-class ConnectFailed(UpstreamError):
-    """No connection could be made; nothing was sent."""
-
-
-class ConnectTimeout(ConnectFailed):
-    """The connection was not made within its time."""
-
-
-class UpstreamBroken(UpstreamError):
-    """The connection broke, or the upstream sent something that is not valid HTTP/1.1."""
 
 
 class _Connection(asyncio.Protocol):
@@ -246,6 +240,7 @@ class UpstreamResponse:
         "keep_alive",
         "reason",
         "status",
+        "trailers",
         "until_eof",
     )
 
@@ -262,6 +257,7 @@ class UpstreamResponse:
         self.until_eof = self.content_length is None and not chunked and status not in (204, 304)
         self.keep_alive = False
         self.complete = False
+        self.trailers: CIMultiDictProxy[str] | None = None
         self._chunks: deque[bytes] = deque()
         self._buffered = 0
         self._paused = False
@@ -339,12 +335,14 @@ class UpstreamResponse:
             conn.close()
 
 
-def build_head(method: str, target: str, headers: Iterable[tuple[str, str]]) -> bytes:
+def build_head(
+    method: str, target: str, authority: str, headers: Iterable[tuple[str, str]], framing: str
+) -> bytes:
     # Names and values come from aiohttp's server parser (no CR/LF possible) or from us;
     # surrogateescape gives back the exact bytes the app sent.
-    lines = [f"{method} {target} HTTP/1.1\r\n"]
+    lines = [f"{method} {target} HTTP/1.1\r\nHost: {authority}\r\n"]
     lines.extend(f"{name}: {value}\r\n" for name, value in headers)
-    lines.append("\r\n")
+    lines.append(framing)
     return "".join(lines).encode("utf-8", "surrogateescape")
 
 
@@ -391,13 +389,9 @@ class UpstreamPool:
 
     async def request(
         self,
-        key: str,
-        host: str,
-        port: int,
-        method: str,
-        target: str,
-        headers: CIMultiDict[str],
-        body: bytes | AsyncIterator[bytes] | None,
+        endpoint: Endpoint,
+        request: UpstreamRequest,
+        *,
         connect_timeout: float,
         deadline: float,
     ) -> UpstreamResponse:
@@ -407,14 +401,23 @@ class UpstreamPool:
         past it the exchange fails with `TimeoutError` and its connection is discarded.
         One timer handle per exchange is much cheaper than `asyncio.timeout()` here.
         """
+        body = request.body
         chunked = False
         if isinstance(body, bytes):
-            headers["Content-Length"] = str(len(body))
-        elif body is not None and "Content-Length" not in headers:
-            headers["Transfer-Encoding"] = "chunked"
+            framing = f"Content-Length: {len(body)}\r\n\r\n"
+        elif body is None:
+            framing = "\r\n"
+        elif request.content_length is not None:
+            framing = f"Content-Length: {request.content_length}\r\n\r\n"
+        else:
+            framing = "Transfer-Encoding: chunked\r\n\r\n"
             chunked = True
-        head = build_head(method, target, headers.items())
+        method = request.method
+        head = build_head(method, request.target, request.authority, request.headers, framing)
         is_head = method == "HEAD"
+        key = endpoint.key
+        host = endpoint.address.host
+        port = endpoint.address.port
         loop = asyncio.get_running_loop()
         conn = self._take_idle(key)
         if conn is not None:
@@ -453,7 +456,11 @@ class UpstreamPool:
         finally:
             timer.cancel()
 
-    def close(self) -> None:
+    def forget(self, endpoint: Endpoint) -> None:
+        for conn in self._idle.pop(endpoint.key, ()):
+            conn.close()
+
+    async def close(self) -> None:
         self._closed = True
         for idle in self._idle.values():
             for conn in idle:
