@@ -28,6 +28,7 @@ from sidecar.config.model import Address, ServiceConfig, StaticDiscovery
 from sidecar.discovery import DiscoverySource, make_source
 from sidecar.endpoint import Endpoint
 from sidecar.metrics import Metrics
+from sidecar.resilience.backoff import Backoff
 from sidecar.tasks import TaskOwner
 
 log = logging.getLogger("sidecar.discovery")
@@ -116,7 +117,7 @@ class Cluster:
         Sources handle their expected errors themselves; this keeps a service's discovery
         alive through the unexpected ones instead of leaving it frozen without a word.
         """
-        delay = RESTART_DELAY
+        backoff = Backoff(RESTART_DELAY, MAX_RESTART_DELAY)
         while True:
             try:
                 await self._source.run(self)
@@ -124,8 +125,7 @@ class Cluster:
             except Exception as exc:
                 log.exception("service %s: %s discovery crashed", self.name, self._source.kind)
                 self.discovery_failed(f"{self._source.kind} discovery crashed: {exc!r}")
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, MAX_RESTART_DELAY)
+            await asyncio.sleep(backoff.next())
 
     async def _check_health(self, checker: HealthChecker) -> None:
         """Run the health checker, restarting it if it crashes (endpoint states stay)."""
