@@ -7,13 +7,16 @@ attached to a lease of `ttl` seconds. The lease is kept alive every ttl/3 (one
 LeaseKeepAlive call through the gateway each time), so if the sidecar dies the key
 disappears within `ttl` on its own.
 
-With a `health_check`, the app's `path` on `address` is checked every `interval` (2xx
-within min(interval, 2 s) passes). While it fails, the lease is revoked (taking the key
-with it) so discovery stops sending traffic; when it passes again, a fresh lease is
-granted and the key is written again. Without a health check the app counts as healthy.
+With a `health_check`, the app's `path` on `address` is checked every `interval` with
+`http_probe` (a GET over a new connection; a 2xx within min(interval, 2 s) passes). While
+it fails, the lease is revoked (taking the key with it) so discovery stops sending
+traffic; when it passes again, a fresh lease is granted and the key is written again.
+Without a health check the app counts as healthy.
 
-If etcd is unreachable, the loop keeps trying on every tick; a lease that expired in the
-meantime is replaced by a new one as soon as etcd answers.
+If etcd is unreachable, the loop keeps trying, 100 ms after the first failure, doubling
+(with jitter) up to 1 s or ttl/3, whichever is shorter, so a lease is never left to expire
+for want of a try; a lease that expired in the meantime is replaced by a new one as soon
+as etcd answers.
 
 instance-id: `SIDECAR_INSTANCE_ID` if set, else `<hostname>-<pid>` (unique per sidecar
 process on a host; a restarted sidecar writes a new key and the old one expires with its
@@ -39,15 +42,18 @@ from typing import Any
 
 import aiohttp
 
+from sidecar.cluster.probes import http_check
 from sidecar.config.model import RegisterConfig
 from sidecar.discovery.etcdclient import EtcdClient, EtcdError
+from sidecar.resilience.backoff import Backoff
 from sidecar.tasks import TaskOwner
 
 log = logging.getLogger("sidecar.registration")
 
 APP_CHECK_MAX_TIMEOUT = 2.0
 FIRST_ATTEMPT_TIMEOUT = 3.0
-RETRY_INTERVAL = 1.0  # between etcd attempts while etcd fails
+RETRY_BASE = 0.1  # the first etcd retry after a failure; doubles per failure in a row
+RETRY_INTERVAL = 1.0  # the longest wait between etcd attempts while etcd fails
 
 
 def default_instance_id() -> str:
@@ -69,6 +75,7 @@ class Registration:
         self._client: EtcdClient | None = None
         self._first_attempt = asyncio.Event()
         self._stopped = False
+        self._retry = Backoff(RETRY_BASE, RETRY_INTERVAL)
 
     @property
     def registered(self) -> bool:
@@ -115,6 +122,7 @@ class Registration:
             "ttl": self.granted_ttl,
             "app_healthy": self.app_healthy,
             "last_error": self.last_error,
+            "consecutive_failures": self._retry.failures,  # etcd attempts failed in a row
         }
 
     # -- the loop ------------------------------------------------------------------------
@@ -128,7 +136,7 @@ class Registration:
             if check is None:
                 self.app_healthy = True
             elif now >= next_check:
-                healthy = await self._check_app(self._session)
+                healthy = await self._check_app()
                 if healthy != self.app_healthy:
                     next_etcd = now  # the app flipped: act on it at once
                 self.app_healthy = healthy
@@ -152,37 +160,41 @@ class Registration:
             if str(exc) != self.last_error:
                 log.warning("registration of %s: %s", self.key, exc)
             self.last_error = str(exc)
-            # Retry soon, but not in a tight loop.
-            return time.monotonic() + min(self._keepalive_interval(), RETRY_INTERVAL)
+            return time.monotonic() + self._retry_delay()
         except Exception as exc:
             # A bug or a surprising answer must not end the loop: the key would silently
             # expire. Log it loudly and try again like any other failure.
             log.exception("registration of %s: unexpected error", self.key)
             self.last_error = f"unexpected error: {exc!r}"
-            return time.monotonic() + RETRY_INTERVAL
+            return time.monotonic() + self._retry_delay()
         self.last_error = None
+        self._retry.reset()
         return time.monotonic() + self._keepalive_interval()
+
+    def _retry_delay(self) -> float:
+        """Retry soon, but not in a tight loop, and never later than the next keep-alive."""
+        return min(self._retry.next(), self._keepalive_interval())
 
     def _keepalive_interval(self) -> float:
         ttl = self.granted_ttl or self.config.ttl
         return max(ttl / 3, 0.1)
 
-    async def _check_app(self, session: aiohttp.ClientSession) -> bool:
+    async def _check_app(self) -> bool:
         check = self.config.health_check
         assert check is not None
-        url = f"http://{self.config.address}{check.path}"
         timeout = min(check.interval, APP_CHECK_MAX_TIMEOUT)
-        try:
-            async with asyncio.timeout(timeout):
-                async with session.get(url, allow_redirects=False) as resp:
-                    ok = 200 <= resp.status < 300
-                    detail = f"HTTP {resp.status}"
-        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-            ok, detail = False, repr(exc)
-        if ok != self.app_healthy:
-            level = logging.INFO if ok else logging.WARNING
-            log.log(level, "registration of %s: app health check %s: %s", self.key, url, detail)
-        return ok
+        outcome = await http_check(self.config.address, check.path, timeout)
+        if outcome.ok != self.app_healthy:
+            level = logging.INFO if outcome.ok else logging.WARNING
+            log.log(
+                level,
+                "registration of %s: app health check http://%s%s: %s",
+                self.key,
+                self.config.address,
+                check.path,
+                outcome.detail,
+            )
+        return outcome.ok
 
     async def _register(self) -> None:
         assert self._client is not None

@@ -10,8 +10,11 @@ import pytest
 
 from sidecar.resilience.backoff import (
     MAX_RETRY_AFTER,
+    Backoff,
     backoff_delay,
+    exponential_ceiling,
     format_retry_after,
+    jittered,
     parse_retry_after,
 )
 
@@ -61,6 +64,53 @@ def test_retry_numbers_start_at_one() -> None:
 def test_zero_base_or_cap_means_no_wait() -> None:
     assert backoff_delay(3, 0.0, 0.25) == 0.0
     assert backoff_delay(3, 0.025, 0.0) == 0.0
+
+
+# -- Backoff: the failure streak of a background loop ---------------------------------------
+
+
+def test_backoff_doubles_from_base_to_cap_and_resets() -> None:
+    b = Backoff(0.1, 0.5, jitter="none")
+    assert [b.next() for _ in range(6)] == pytest.approx([0.1, 0.2, 0.4, 0.5, 0.5, 0.5])
+    assert b.failures == 6
+    b.reset()
+    assert b.failures == 0
+    assert b.next() == pytest.approx(0.1)
+
+
+def test_equal_jitter_stays_in_the_upper_half_of_the_ceiling() -> None:
+    rng = random.Random(3)
+    b = Backoff(0.1, 5.0, rand=rng.random)  # "equal" is the default
+    for n in range(1, 30):
+        ceiling = min(5.0, 0.1 * 2 ** (n - 1))
+        delay = b.next()
+        assert ceiling / 2 <= delay < ceiling
+    assert Backoff(0.1, 5.0, rand=lambda: 0.0).delay(3) == pytest.approx(0.2)
+    assert Backoff(0.1, 5.0, rand=lambda: 1.0).delay(3) == pytest.approx(0.4)
+
+
+def test_delay_does_not_count_a_failure() -> None:
+    b = Backoff(1.0, 30.0, jitter="none")
+    assert b.delay(4) == 8.0
+    assert b.failures == 0
+
+
+def test_full_jitter_and_none() -> None:
+    assert jittered(2.0, "full", rand=lambda: 0.25) == 0.5
+    assert jittered(2.0, "none", rand=lambda: 0.25) == 2.0
+    assert jittered(2.0, "equal", rand=lambda: 0.25) == 1.25
+
+
+def test_exponential_ceiling_edges() -> None:
+    assert exponential_ceiling(10**9, 0.5, 5.0) == 5.0  # no OverflowError
+    assert exponential_ceiling(3, 0.0, 5.0) == 0.0
+    with pytest.raises(ValueError):
+        exponential_ceiling(0, 0.5, 5.0)
+
+
+def test_a_long_streak_never_overflows() -> None:
+    b = Backoff(0.1, 5.0, jitter="none", failures=10**6)
+    assert b.next() == 5.0
 
 
 # -- parse_retry_after ------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -140,6 +141,10 @@ async def test_a_failed_lookup_is_retried_long_before_the_refresh(tmp_path: Path
 
 def test_failure_retry_delay_doubles_up_to_the_refresh() -> None:
     source = DnsSource(DnsDiscovery(name="a.test", port=1, refresh=5.0))
-    assert [source.retry_delay(n) for n in range(1, 7)] == [0.5, 1.0, 2.0, 4.0, 5.0, 5.0]
+    # Equal jitter: each wait lies in [ceiling/2, ceiling); rand() at its ends shows both.
+    top = dataclasses.replace(source.backoff, rand=lambda: 1.0)
+    assert [top.next() for _ in range(6)] == [0.5, 1.0, 2.0, 4.0, 5.0, 5.0]
+    bottom = dataclasses.replace(source.backoff, rand=lambda: 0.0)
+    assert [bottom.next() for _ in range(6)] == [0.25, 0.5, 1.0, 2.0, 2.5, 2.5]
     fast = DnsSource(DnsDiscovery(name="a.test", port=1, refresh=0.1))
-    assert fast.retry_delay(1) == 0.1
+    assert dataclasses.replace(fast.backoff, rand=lambda: 1.0).next() == 0.1

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import signal
 import textwrap
 
@@ -344,3 +345,74 @@ async def test_registration_key_appears_and_goes_on_sigterm(tmp_path, spawn):
             assert await etcd.get(key) is None
     finally:
         await runner.cleanup()
+
+
+async def test_file_discovery_refuses_fifo_device_and_oversized_file_and_exits_on_sigterm(
+    upstream, client, tmp_path, spawn
+):
+    """A sidecar process: each bad file keeps the last endpoints, and SIGTERM still exits.
+
+    Before the regular-file check, a FIFO blocked the poll's worker thread in open() for
+    good: SIGTERM logged "stopped" and the process never exited.
+    """
+    up = await upstream()
+    eps = tmp_path / "eps.yaml"
+    eps.write_text(json.dumps([up.address]))
+    listen, admin = free_port(), free_port()
+    path = tmp_path / "sidecar.yaml"
+    path.write_text(
+        sidecar_yaml(
+            with_route(f"services:\n  s: {{ discovery: {{ file: {{ path: {eps} }} }} }}\n"),
+            listen,
+            admin,
+        )
+    )
+    proc = spawn("run", "-c", str(path))
+    await wait_http(f"http://127.0.0.1:{admin}/readyz")
+
+    async def discovery_state() -> dict:
+        async with client.get(f"http://127.0.0.1:{admin}/admin/state") as resp:
+            return (await resp.json())["services"]["s"]
+
+    async def until_error(needle: str) -> dict:
+        for _ in range(100):
+            state = await discovery_state()
+            if needle in (state["discovery"]["last_error"] or ""):
+                return state
+            await asyncio.sleep(0.05)
+        raise AssertionError(f"no discovery error with {needle!r}: {state['discovery']}")
+
+    async def still_served() -> None:
+        hits = up.hits
+        async with client.get(f"http://127.0.0.1:{listen}/x") as resp:
+            assert resp.status == 200
+        assert up.hits == hits + 1
+
+    await still_served()
+    fifo = tmp_path / "eps.fifo"
+    os.mkfifo(fifo)
+    os.replace(fifo, eps)
+    state = await until_error(f"not a regular file: {eps} (a FIFO)")
+    assert [e["address"] for e in state["endpoints"]] == [up.address]
+    await still_served()
+
+    link = tmp_path / "eps.link"
+    os.symlink("/dev/zero", link)
+    os.replace(link, eps)
+    state = await until_error(f"not a regular file: {eps} (a character device)")
+    assert [e["address"] for e in state["endpoints"]] == [up.address]
+    await still_served()
+
+    big = tmp_path / "eps.big"
+    big.write_text(json.dumps([up.address] * 100_000))  # valid JSON, over 1 MiB
+    os.replace(big, eps)
+    state = await until_error("larger than 1048576 bytes")
+    assert [e["address"] for e in state["endpoints"]] == [up.address]
+    assert state["discovery"]["consecutive_failures"] == 3
+    await still_served()
+
+    os.mkfifo(fifo)  # end on the state that used to hang the exit
+    os.replace(fifo, eps)
+    await until_error("(a FIFO)")
+    # A generous bound, not a timing claim: the process must exit, and cleanly.
+    assert await asyncio.to_thread(proc.stop, signal.SIGTERM, 30) == 0

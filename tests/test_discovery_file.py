@@ -12,7 +12,13 @@ from support import eventually, keys, service, started, updates
 
 from sidecar.config.model import Address, FileDiscovery
 from sidecar.discovery import parse_address
-from sidecar.discovery.file import parse_endpoint_list
+from sidecar.discovery.file import (
+    MAX_FILE_BYTES,
+    FileRefused,
+    parse_endpoint_list,
+    read_at_most,
+    read_endpoint_file,
+)
 from sidecar.metrics import Metrics
 
 
@@ -99,6 +105,134 @@ async def test_missing_file_counts_one_failure_then_appearing_file_applies(
         assert cluster.endpoints == []
         write(path, "- localhost:8080\n")
         await eventually(lambda: keys(cluster) == {"localhost:8080"})
+
+
+def replace_with_symlink(path: Path, target: str) -> None:
+    tmp = path.with_suffix(".link")
+    os.symlink(target, tmp)
+    os.replace(tmp, path)
+
+
+def replace_with_fifo(path: Path) -> None:
+    tmp = path.with_suffix(".fifo")
+    os.mkfifo(tmp)
+    os.replace(tmp, path)
+
+
+@pytest.mark.parametrize("device", ["/dev/zero", "/dev/urandom"])
+async def test_a_device_is_refused_and_the_last_set_stays(tmp_path: Path, device: str) -> None:
+    path = tmp_path / "orders.yaml"
+    write(path, "- 127.0.0.1:9001\n")
+    metrics = Metrics()
+    async with started(service(FileDiscovery(path)), metrics) as cluster:
+        before = list(cluster.endpoints)
+        # Before the fix this read /dev/zero without end (st_size is 0 for a device).
+        replace_with_symlink(path, device)
+        await eventually(lambda: updates(metrics, "failure") == 1)
+        assert cluster.endpoints == before
+        error = cluster.snapshot()["discovery"]["last_error"]
+        assert error == f"not a regular file: {path} (a character device)"
+        # Polling goes on: one failure for the one bad state, and a good file applies.
+        await asyncio.sleep(1.2)
+        assert updates(metrics, "failure") == 1
+        write(path, "- 127.0.0.1:9002\n")
+        await eventually(lambda: keys(cluster) == {"127.0.0.1:9002"})
+        assert cluster.snapshot()["discovery"]["last_error"] is None
+
+
+async def test_a_fifo_is_refused_without_blocking_the_poll(tmp_path: Path) -> None:
+    path = tmp_path / "orders.yaml"
+    write(path, "- 127.0.0.1:9001\n")
+    metrics = Metrics()
+    async with started(service(FileDiscovery(path)), metrics) as cluster:
+        before = list(cluster.endpoints)
+        replace_with_fifo(path)  # no writer ever opens it: a blocking open would hang
+        await eventually(lambda: updates(metrics, "failure") == 1)
+        assert cluster.endpoints == before
+        assert cluster.snapshot()["discovery"]["last_error"] == (
+            f"not a regular file: {path} (a FIFO)"
+        )
+        write(path, "- 127.0.0.1:9002\n")
+        await eventually(lambda: keys(cluster) == {"127.0.0.1:9002"})
+    # Leaving the block closed the cluster: no worker thread was left blocked on the FIFO.
+
+
+async def test_a_fifo_at_start_up_is_a_first_result(tmp_path: Path) -> None:
+    path = tmp_path / "orders.yaml"
+    os.mkfifo(path)
+    metrics = Metrics()
+    async with started(service(FileDiscovery(path)), metrics) as cluster:
+        # start() waited for the first poll, which answered at once with a failure
+        # (a blocked open would have given no result at all within start()'s wait).
+        assert updates(metrics, "failure") == 1
+        assert cluster.endpoints == []
+        assert "not a regular file" in cluster.snapshot()["discovery"]["last_error"]
+
+
+async def test_a_directory_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "orders.d"
+    path.mkdir()
+    async with started(service(FileDiscovery(path))) as cluster:
+        assert cluster.snapshot()["discovery"]["last_error"] == (
+            f"not a regular file: {path} (a directory)"
+        )
+
+
+async def test_an_oversized_file_is_refused_and_the_last_set_stays(tmp_path: Path) -> None:
+    path = tmp_path / "orders.yaml"
+    write(path, "- 127.0.0.1:9001\n")
+    metrics = Metrics()
+    async with started(service(FileDiscovery(path)), metrics) as cluster:
+        before = list(cluster.endpoints)
+        line = "- 127.0.0.1:9002\n"
+        write(path, line * (MAX_FILE_BYTES // len(line) + 1))  # valid YAML, just too big
+        await eventually(lambda: updates(metrics, "failure") == 1)
+        assert cluster.endpoints == before
+        assert cluster.snapshot()["discovery"]["last_error"] == (
+            f"{path}: larger than {MAX_FILE_BYTES} bytes, the limit for an endpoint list"
+        )
+
+
+async def test_the_same_content_restored_after_a_failure_applies_again(tmp_path: Path) -> None:
+    path = tmp_path / "orders.yaml"
+    write(path, "- 127.0.0.1:9001\n")
+    metrics = Metrics()
+    async with started(service(FileDiscovery(path)), metrics) as cluster:
+        path.unlink()
+        await eventually(lambda: updates(metrics, "failure") == 1)
+        assert cluster.snapshot()["discovery"]["last_error"] is not None
+        write(path, "- 127.0.0.1:9001\n")
+        await eventually(lambda: updates(metrics, "success") == 2)
+        assert cluster.snapshot()["discovery"]["last_error"] is None
+        assert keys(cluster) == {"127.0.0.1:9001"}
+
+
+def test_read_at_most_stops_one_byte_past_the_limit() -> None:
+    # A pipe, whose size nothing announces, as a device's or a procfs file's.
+    r, w = os.pipe()
+    try:
+        os.write(w, b"x" * 100)
+        os.close(w)
+        w = -1
+        assert read_at_most(r, 10) == b"x" * 11
+        assert read_at_most(r, 1000) == b"x" * 89  # the rest, up to EOF
+    finally:
+        os.close(r)
+        if w >= 0:
+            os.close(w)
+
+
+def test_read_endpoint_file_bounds(tmp_path: Path) -> None:
+    path = tmp_path / "eps.yaml"
+    path.write_bytes(b"[]" + b" " * 8)
+    st, data = read_endpoint_file(path, limit=10)
+    assert data == b"[]" + b" " * 8 and st.st_size == 10
+    with pytest.raises(FileRefused, match="larger than 9 bytes"):
+        read_endpoint_file(path, limit=9)
+    with pytest.raises(FileRefused, match="not a regular file: /dev/zero"):
+        read_endpoint_file(Path("/dev/zero"))
+    with pytest.raises(FileNotFoundError):
+        read_endpoint_file(tmp_path / "missing")
 
 
 def test_parse_endpoint_list() -> None:

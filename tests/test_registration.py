@@ -132,7 +132,8 @@ async def test_registration_survives_an_etcd_restart(etcd: EtcdServer) -> None:
         await reg.start()
         assert await etcd.get(KEY) is not None
         await etcd.astop()
-        await eventually(lambda: reg.snapshot()["last_error"] is not None)
+        await eventually(lambda: reg.snapshot()["consecutive_failures"] >= 2)
+        assert reg.snapshot()["last_error"] is not None
         await etcd.astart()
         # Whether the old lease survived the restart or a new one was granted, the key is
         # back and alive.
@@ -142,6 +143,7 @@ async def test_registration_survives_an_etcd_restart(etcd: EtcdServer) -> None:
                 break
             await asyncio.sleep(0.05)
         assert kv is not None
+        assert reg.snapshot()["consecutive_failures"] == 0  # a success ends the streak
         await asyncio.sleep(2.5)  # longer than the TTL
         assert await etcd.get(KEY) is not None
     finally:

@@ -28,6 +28,7 @@ from sidecar.config.model import Address, ServiceConfig, StaticDiscovery
 from sidecar.discovery import DiscoverySource, make_source
 from sidecar.endpoint import Endpoint
 from sidecar.metrics import Metrics
+from sidecar.resilience.backoff import Backoff
 from sidecar.tasks import TaskOwner
 
 log = logging.getLogger("sidecar.discovery")
@@ -61,6 +62,7 @@ class Cluster:
         self._first_result = asyncio.Event()
         self._first_result_timeout = first_result_timeout
         self._started = False
+        self._warned_no_first_result = False
         self.last_update: float | None = None
         self.last_error: str | None = None
         self.last_error_at: float | None = None
@@ -92,23 +94,37 @@ class Cluster:
         A static service returns at once. A dynamic one waits up to `first_result_timeout`
         for the source's first answer (endpoints or an error) and then returns either way;
         until endpoints arrive, `pick()` returns None.
+
+        Safe to run concurrently with other clusters' start() (each owns its tasks and
+        shares nothing mutable with them) and with itself: the tasks are spawned once,
+        before the first await, and every caller waits for the same first answer. A caller
+        cancelled while it waits cancels only its wait; discovery and health checks go on
+        until close().
         """
-        if self._started:
+        dynamic = not isinstance(self.config.discovery, StaticDiscovery)
+        if not self._started:
+            self._started = True
+            if dynamic:
+                self._owner.spawn(self._discover(), name=f"discovery:{self._source.kind}")
+            if self._health is not None:
+                self._owner.spawn(self._check_health(self._health), name="health")
+        if not dynamic or await self._wait_first_result() or self._warned_no_first_result:
             return
-        self._started = True
-        if not isinstance(self.config.discovery, StaticDiscovery):
-            self._owner.spawn(self._discover(), name=f"discovery:{self._source.kind}")
-            try:
-                async with asyncio.timeout(self._first_result_timeout):
-                    await self._first_result.wait()
-            except TimeoutError:
-                log.warning(
-                    "service %s: no discovery result within %.3gs; starting without endpoints",
-                    self.name,
-                    self._first_result_timeout,
-                )
-        if self._health is not None:
-            self._owner.spawn(self._check_health(self._health), name="health")
+        self._warned_no_first_result = True  # once, however many callers waited
+        log.warning(
+            "service %s: no discovery result within %.3gs; starting without endpoints",
+            self.name,
+            self._first_result_timeout,
+        )
+
+    async def _wait_first_result(self) -> bool:
+        """Wait up to `first_result_timeout` for discovery's first answer; False if none."""
+        try:
+            async with asyncio.timeout(self._first_result_timeout):
+                await self._first_result.wait()
+        except TimeoutError:
+            return False
+        return True
 
     async def _discover(self) -> None:
         """Run the source; if it crashes (a bug, a library surprise), count it and restart.
@@ -116,7 +132,7 @@ class Cluster:
         Sources handle their expected errors themselves; this keeps a service's discovery
         alive through the unexpected ones instead of leaving it frozen without a word.
         """
-        delay = RESTART_DELAY
+        backoff = Backoff(RESTART_DELAY, MAX_RESTART_DELAY)
         while True:
             try:
                 await self._source.run(self)
@@ -124,11 +140,12 @@ class Cluster:
             except Exception as exc:
                 log.exception("service %s: %s discovery crashed", self.name, self._source.kind)
                 self.discovery_failed(f"{self._source.kind} discovery crashed: {exc!r}")
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, MAX_RESTART_DELAY)
+            await asyncio.sleep(backoff.next())
 
     async def _check_health(self, checker: HealthChecker) -> None:
         """Run the health checker, restarting it if it crashes (endpoint states stay)."""
+        # The first round checks what discovery found, not an empty set (bounded wait).
+        await self._wait_first_result()
         while True:
             try:
                 await checker.run()

@@ -5,9 +5,9 @@ reset, a timeout) fails. A healthy endpoint turns unhealthy after `unhealthy_thr
 failures in a row, and back after `healthy_threshold` passes in a row. New endpoints start
 healthy, so a fresh discovery result takes traffic at once.
 
-The checker has its own ClientSession (never the proxy's), with keep-alive off: each
-check opens a new connection, so it also proves the endpoint still accepts them. Each
-round checks every endpoint concurrently, then sleeps `interval`.
+Each check is one `http_probe` (sidecar.cluster.probes): a new connection of its own,
+never the proxy's, with keep-alive off, so a pass also proves the endpoint still accepts
+connections. Each round checks every endpoint concurrently, then sleeps `interval`.
 """
 
 from __future__ import annotations
@@ -17,8 +17,7 @@ import logging
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
-import aiohttp
-
+from sidecar.cluster.probes import http_check
 from sidecar.config.model import HealthCheckConfig
 
 if TYPE_CHECKING:
@@ -42,32 +41,22 @@ class HealthChecker:
         self.rounds = 0
 
     async def run(self) -> None:
-        connector = aiohttp.TCPConnector(force_close=True)
-        timeout = aiohttp.ClientTimeout(total=self.config.timeout)
-        async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
-            while True:
-                endpoints = list(self._endpoints())
-                results = await asyncio.gather(*(self._probe(session, e) for e in endpoints))
-                changed = False
-                for endpoint, ok in zip(endpoints, results, strict=True):
-                    changed |= self.record(endpoint, ok)
-                self.rounds += 1
-                if changed:
-                    self._changed()
-                await asyncio.sleep(self.config.interval)
+        while True:
+            endpoints = list(self._endpoints())
+            results = await asyncio.gather(*(self._probe(e) for e in endpoints))
+            changed = False
+            for endpoint, ok in zip(endpoints, results, strict=True):
+                changed |= self.record(endpoint, ok)
+            self.rounds += 1
+            if changed:
+                self._changed()
+            await asyncio.sleep(self.config.interval)
 
-    async def _probe(self, session: aiohttp.ClientSession, endpoint: Endpoint) -> bool:
-        url = f"http://{endpoint.key}{self.config.path}"
-        try:
-            async with asyncio.timeout(self.config.timeout):
-                async with session.get(url, allow_redirects=False) as resp:
-                    ok = 200 <= resp.status < 300
-                    if not ok:
-                        log.debug("health check %s: HTTP %d", url, resp.status)
-                    return ok
-        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-            log.debug("health check %s: %r", url, exc)
-            return False
+    async def _probe(self, endpoint: Endpoint) -> bool:
+        outcome = await http_check(endpoint.address, self.config.path, self.config.timeout)
+        if not outcome.ok:
+            log.debug("health check %s%s: %s", endpoint.key, self.config.path, outcome.detail)
+        return outcome.ok
 
     def record(self, endpoint: Endpoint, ok: bool) -> bool:
         """Count one check result; True when the endpoint's health flipped."""

@@ -12,10 +12,10 @@ Resolution goes through aiodns (c-ares), which never blocks the event loop. `nam
 
 An error, a timeout or an empty answer (NXDOMAIN, no records) counts as a failure and
 keeps the last good set: a DNS blip must not empty a service. After a failure the next
-try comes sooner than `refresh` (0.5 s, doubling up to `refresh`), as with Envoy's
-`dns_failure_refresh_rate`: a lookup that failed as the sidecar started (the resolver
-not up yet, a dropped packet) would otherwise leave the service without endpoints for
-a whole refresh.
+try comes sooner than `refresh` (about 0.5 s, doubling up to `refresh`, with equal jitter),
+as with Envoy's `dns_failure_refresh_rate`: a lookup that failed as the sidecar started
+(the resolver not up yet, a dropped packet) would otherwise leave the service without
+endpoints for a whole refresh.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ import pycares
 
 from sidecar.config.model import Address, DnsDiscovery
 from sidecar.discovery import DiscoverySink
+from sidecar.resilience.backoff import Backoff
 
 log = logging.getLogger("sidecar.discovery")
 
@@ -45,6 +46,7 @@ class DnsSource:
         # One try must fit well inside a refresh, so a dead server does not stall updates.
         self.try_timeout = min(max(config.refresh / 2, 0.2), 2.0)
         self.tries = 2
+        self.backoff = Backoff(min(FAILURE_RETRY_BASE, config.refresh), config.refresh)
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -63,23 +65,16 @@ class DnsSource:
         )
         # Bound a whole refresh (SRV needs follow-up lookups) even if c-ares misbehaves.
         bound = self.try_timeout * self.tries * max(1, len(self.config.nameservers)) * 3 + 1
-        failures = 0
         try:
             while True:
                 if await self._refresh(resolver, bound, sink):
-                    failures = 0
+                    self.backoff.reset()
                     delay = self.config.refresh
                 else:
-                    failures += 1
-                    delay = self.retry_delay(failures)
+                    delay = self.backoff.next()
                 await asyncio.sleep(delay)
         finally:
             await resolver.close()
-
-    def retry_delay(self, failures: int) -> float:
-        """How long after the `failures`-th failure in a row to try again."""
-        backoff: float = FAILURE_RETRY_BASE * 2.0 ** min(failures - 1, 16)
-        return min(self.config.refresh, backoff)
 
     async def _refresh(
         self, resolver: aiodns.DNSResolver, bound: float, sink: DiscoverySink

@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import random
 from contextlib import aclosing
 from typing import Any
 
@@ -26,6 +25,7 @@ import aiohttp
 from sidecar.config.model import Address, EtcdDiscovery
 from sidecar.discovery import DiscoverySink, parse_address
 from sidecar.discovery.etcdclient import EtcdClient, EtcdError
+from sidecar.resilience.backoff import Backoff
 
 log = logging.getLogger("sidecar.discovery")
 
@@ -77,19 +77,18 @@ class EtcdSource:
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=3.0)
         async with aiohttp.ClientSession(timeout=timeout) as session:
             client = EtcdClient(self.config.endpoints, session)
-            delay = BACKOFF_BASE
+            # Equal jitter: never hammer, never wait much longer than planned.
+            backoff = Backoff(BACKOFF_BASE, BACKOFF_MAX)
             while True:
                 try:
                     await self._sync(client, sink)
                 except EtcdError as exc:
                     if self.connected:
                         # A working connection just broke: the first retry comes quickly.
-                        delay = BACKOFF_BASE
+                        backoff.reset()
                     self.connected = self.watching = False
                     sink.discovery_failed(f"etcd: {exc}")
-                    # Equal jitter: never hammer, never wait much longer than planned.
-                    await asyncio.sleep(delay / 2 + random.uniform(0, delay / 2))
-                    delay = min(delay * 2, BACKOFF_MAX)
+                    await asyncio.sleep(backoff.next())
 
     async def _sync(self, client: EtcdClient, sink: DiscoverySink) -> None:
         """Range, apply, watch; raises EtcdError when the connection is lost."""

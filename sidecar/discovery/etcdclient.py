@@ -18,14 +18,11 @@ import asyncio
 import base64
 import codecs
 import json
-import logging
 from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
-
-log = logging.getLogger("sidecar.etcd")
 
 # A watch response larger than this without a complete JSON message is not etcd talking.
 MAX_MESSAGE_BYTES = 64 << 20
@@ -140,17 +137,6 @@ class EtcdClient:
         ]
         return revision, kvs
 
-    async def get(self, key: str) -> KeyValue | None:
-        data = await self.call("/v3/kv/range", {"key": _b64(key.encode())})
-        for kv in data.get("kvs", []):
-            return KeyValue(
-                key=key,
-                value=_unb64(kv.get("value")),
-                mod_revision=_int(kv.get("mod_revision")),
-                lease=_int(kv.get("lease")),
-            )
-        return None
-
     async def put(self, key: str, value: bytes, lease: int = 0) -> int:
         """Write `key`; returns the new revision."""
         body: dict[str, Any] = {"key": _b64(key.encode()), "value": _b64(value)}
@@ -190,10 +176,6 @@ class EtcdClient:
                 return False
             raise
         return True
-
-    async def time_to_live(self, lease: int, keys: bool = False) -> dict[str, Any]:
-        """The lease's remaining `TTL` (-1 when gone), `grantedTTL` and, if asked, `keys`."""
-        return await self.call("/v3/lease/timetolive", {"ID": str(lease), "keys": keys})
 
     async def watch(
         self, prefix: str, start_revision: int, probe_interval: float = 5.0

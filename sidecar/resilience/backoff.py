@@ -6,6 +6,13 @@ whole interval de-synchronises clients that failed together, which matters more 
 guaranteed minimum wait. The random source is a parameter so tests can seed it; the caller
 does the sleeping, within the route deadline.
 
+`Backoff` is the same exponential sequence for a background loop's failure streak (a
+discovery source reconnecting, a registration retrying, a crashed task restarting): the
+n-th failure in a row waits about min(cap, base * 2**(n-1)), and a success starts over. It
+holds only a counter; the loop does the sleeping. Its default jitter is "equal"
+(uniform in [ceiling/2, ceiling]): loops that failed together spread out, and none waits
+much longer, nor much less, than planned.
+
 `parse_retry_after` reads an upstream's `Retry-After` (RFC 9110 §10.2.3); `format_retry_after`
 writes the one the sidecar sends with 503 `circuit_open`.
 """
@@ -17,9 +24,10 @@ import random
 import re
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from datetime import UTC
 from email.utils import parsedate_to_datetime
-from typing import Final
+from typing import Final, Literal
 
 # 2.0 ** 1000 is still a finite float, and base * 2**1000 exceeds any sensible cap; clamping
 # the exponent there keeps huge retry numbers from raising OverflowError.
@@ -36,6 +44,31 @@ _DELTA_SECONDS: Final = re.compile(r"(\d+)(?:\.\d+)?")
 _MAX_DIGITS: Final = 15
 
 
+Jitter = Literal["none", "full", "equal"]
+
+
+def exponential_ceiling(n: int, base: float, cap: float) -> float:
+    """min(cap, base * 2**(n - 1)) for the n-th try (n >= 1); 0 when base or cap is <= 0."""
+    if n < 1:
+        raise ValueError(f"retry_number starts at 1, got {n}")
+    if base <= 0 or cap <= 0:
+        return 0.0
+    return min(cap, base * 2.0 ** min(n - 1, _MAX_EXPONENT))
+
+
+def jittered(ceiling: float, jitter: Jitter, rand: Callable[[], float] = random.random) -> float:
+    """`ceiling` spread by `jitter`, given `rand` in [0, 1).
+
+    none: exactly `ceiling`; full: uniform in [0, ceiling); equal: uniform in
+    [ceiling/2, ceiling). Jitter only ever shortens the wait.
+    """
+    if jitter == "none":
+        return ceiling
+    if jitter == "full":
+        return rand() * ceiling
+    return ceiling / 2 + rand() * ceiling / 2
+
+
 def backoff_delay(
     retry_number: int,
     base: float,
@@ -46,13 +79,35 @@ def backoff_delay(
 
     Uniform in [0, min(cap, base * 2**(retry_number - 1))), given `rand` in [0, 1).
     """
-    if retry_number < 1:
-        raise ValueError(f"retry_number starts at 1, got {retry_number}")
-    if base <= 0 or cap <= 0:
-        return 0.0
-    exponent = min(retry_number - 1, _MAX_EXPONENT)
-    ceiling = min(cap, base * 2.0**exponent)
-    return rand() * ceiling
+    return jittered(exponential_ceiling(retry_number, base, cap), "full", rand)
+
+
+@dataclass(slots=True)
+class Backoff:
+    """The delays of one failure streak: exponential from `base`, capped at `cap`, jittered.
+
+    `next()` counts a failure and returns how long to wait before trying again; `reset()`
+    (after a success) starts the streak over. Pure: no clock, no sleeping, `rand` injected.
+    """
+
+    base: float
+    cap: float
+    jitter: Jitter = "equal"
+    rand: Callable[[], float] = field(default=random.random, repr=False, compare=False)
+    failures: int = 0
+
+    def delay(self, n: int) -> float:
+        """The wait after the n-th failure in a row (n >= 1), without counting it."""
+        return jittered(exponential_ceiling(n, self.base, self.cap), self.jitter, self.rand)
+
+    def next(self) -> float:
+        """Count one more failure; the wait before the next try."""
+        self.failures += 1
+        return self.delay(self.failures)
+
+    def reset(self) -> None:
+        """A success: the next failure waits about `base` again."""
+        self.failures = 0
 
 
 def parse_retry_after(value: str | None, now: float | None = None) -> float | None:

@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import socket
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
 
 from aiohttp import web
 
@@ -55,6 +56,55 @@ async def serve(app: web.Application) -> AsyncIterator[Address]:
         yield Address("127.0.0.1", port)
     finally:
         await runner.cleanup()
+
+
+@dataclass
+class RawServer:
+    """What a `raw_server` saw: connections, request heads, and how many the client closed."""
+
+    address: Address
+    connections: int = 0
+    closed_by_client: int = 0
+    heads: list[bytes] = field(default_factory=list)
+
+
+@contextlib.asynccontextmanager
+async def raw_server(reply: bytes | None) -> AsyncIterator[RawServer]:
+    """A TCP server on 127.0.0.1 that answers each request head with the bytes `reply`.
+
+    `reply=None` never answers. The server never closes a connection itself (it ignores
+    `Connection: close`), so `closed_by_client` counts the connections the client ended.
+    """
+    writers: list[asyncio.StreamWriter] = []
+    seen: list[RawServer] = []
+
+    async def on_conn(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        state = seen[0]
+        state.connections += 1
+        writers.append(writer)
+        try:
+            state.heads.append(await reader.readuntil(b"\r\n\r\n"))
+            if reply is not None:
+                writer.write(reply)
+                await writer.drain()
+            while await reader.read(65536):
+                pass
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        state.closed_by_client += 1
+
+    server = await asyncio.start_server(on_conn, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    seen.append(RawServer(Address("127.0.0.1", port)))
+    try:
+        yield seen[0]
+    finally:
+        server.close()
+        for writer in writers:
+            writer.close()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(2):
+                await server.wait_closed()
 
 
 class HealthApp:
