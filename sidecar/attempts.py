@@ -115,6 +115,7 @@ async def forward(
             ],
             ex.body_for_attempt(),
             ex.content_length,
+            ex.on_interim,
         )
         started = time.perf_counter()
         endpoint.in_flight += 1

@@ -208,6 +208,7 @@ class Proxy:
             inbound.headers, request_id=record.request_id or "", client_ip=inbound.remote
         )
         ex.authority = _forwardable_host(host, app_host)
+        ex.on_interim = out.send_interim
         try:
             await forward(ex, route, self.client)
         finally:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from sidecar.http.base import Inbound
 from sidecar.upstream import Attempt
-from sidecar.upstream.base import Body
+from sidecar.upstream.base import Body, InterimSink
 from sidecar.vocab import Reason
 
 
@@ -65,6 +65,7 @@ class Exchange:
     max_retries: int
     authority: str | None = None  # None: send the endpoint's address as Host
     content_length: int | None = None  # of a streamed body, when the app declared one
+    on_interim: InterimSink | None = None  # where 1xx answers (103 Early Hints) go
     attempts: int = 0
     retries: int = 0
     last: Attempt | None = None

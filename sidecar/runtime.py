@@ -11,6 +11,7 @@ Requests already in flight keep the objects they started with.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Mapping
 from typing import Any
@@ -153,9 +154,25 @@ class Runtime:
         return self._by_config[id(config)]
 
     async def start_new(self) -> None:
-        """Start the services this generation created (kept ones are running already)."""
+        """Start the services this generation created (kept ones are running already).
+
+        All at once: each may wait up to its discovery's first-result timeout, and a
+        config with many dynamic services must not pay that once per service. If any
+        fails, every new service is closed again and the first error is raised, so a
+        failed reload leaves nothing of the new generation running.
+        """
+        results = await asyncio.gather(
+            *(svc.start() for svc in self.new_services), return_exceptions=True
+        )
+        errors = [r for r in results if isinstance(r, BaseException)]
+        if errors:
+            await self.close_new()
+            raise errors[0]
+
+    async def close_new(self) -> None:
+        """Close the services this generation created (a reload that did not happen)."""
         for svc in self.new_services:
-            await svc.start()
+            await svc.close()
 
     async def close_all(self) -> None:
         for svc in self.services.values():

@@ -183,8 +183,14 @@ class Sidecar:
                 )
                 new = dataclasses.replace(new, listen=old.listen, admin=old.admin)
             previous = self.runtime
-            runtime = Runtime(new, self.metrics, previous=previous)
-            await runtime.start_new()
+            try:
+                runtime = Runtime(new, self.metrics, previous=previous)
+                await runtime.start_new()
+            except Exception as exc:
+                # Nothing of the new generation runs (start_new closed it); the old one
+                # never stopped serving.
+                log.exception("config reload failed while starting the new services")
+                return self._reload_failed([f"starting the new config failed: {exc!r}"])
             self.config = new
             self._runtime = runtime
             self.proxy.runtime = runtime

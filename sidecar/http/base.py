@@ -61,8 +61,9 @@ class Responder(Protocol):
     """The way back to the app for one request. Exactly one of `send_whole` or
     `start` (then `write`s and `finish`) is called, or `abort`."""
 
-    async def send_interim(self, status: int, headers: Fields) -> None:
-        """A 1xx head (103 Early Hints) before the final answer."""
+    def send_interim(self, status: int, headers: Fields) -> None:
+        """A 1xx head (103 Early Hints) before the final answer; written at once,
+        without waiting (the upstream client calls it from its parser callback)."""
         ...
 
     async def send_whole(

@@ -77,7 +77,7 @@ class H1Responder:
         self._request = request
         self.response: web.StreamResponse | None = None
 
-    async def send_interim(self, status: int, headers: Fields) -> None:
+    def send_interim(self, status: int, headers: Fields) -> None:
         # RFC 9110 15.2: a 1xx goes only to an HTTP/1.1 client.
         transport = self._request.transport
         if self._request.version != HttpVersion11 or transport is None or self.response:
