@@ -31,7 +31,7 @@ from typing import Protocol
 
 from sidecar.cluster import Cluster
 from sidecar.endpoint import Endpoint
-from sidecar.request import Exchange
+from sidecar.request import Exchange, StreamedBody
 from sidecar.resilience.breaker import CircuitOpen, ServiceBreaker
 from sidecar.resilience.budget import RetryBudget
 from sidecar.resilience.retry import RetryPolicy, failure_reason, may_retry, retry_delay
@@ -45,6 +45,7 @@ class ServiceRuntimeLike(Protocol):
 
     cluster: Cluster
     breaker: ServiceBreaker
+    client: UpstreamClient
     connect_timeout: float
 
     def count_attempt(self, endpoint: str, result: str) -> None: ...
@@ -67,7 +68,6 @@ class RouteRuntimeLike(Protocol):
 async def forward(
     ex: Exchange,
     route: RouteRuntimeLike,
-    client: UpstreamClient,
     sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
 ) -> Exchange:
     """Make attempts until one answers, or retrying is no longer allowed or possible.
@@ -79,6 +79,7 @@ async def forward(
     policy = route.policy
     cluster = service.cluster
     breaker = service.breaker
+    client = service.client
     loop = asyncio.get_running_loop()
     tried: list[Endpoint] = []
     route.budget.record_request()
@@ -120,12 +121,24 @@ async def forward(
         started = time.perf_counter()
         endpoint.in_flight += 1
         try:
-            attempt = await send(client, endpoint, request, timeout, service.connect_timeout)
+            if isinstance(ex.body, StreamedBody):
+                attempt = await _send_streamed(ex.body, client, endpoint, request, timeout, service)
+            else:
+                attempt = await send(client, endpoint, request, timeout, service.connect_timeout)
         except asyncio.CancelledError:
             trial.abandon()
             raise
         finally:
             endpoint.in_flight -= 1
+        body = ex.body
+        if attempt.kind is Outcome.TIMEOUT and isinstance(body, StreamedBody) and not body.finished:
+            # The app stalled its own upload: that says nothing about the upstream, so
+            # neither the breaker nor outlier detection hear of it.
+            trial.abandon()
+            route.count_timeout(TimeoutKind.ROUTE if route_bound else TimeoutKind.PER_TRY)
+            service.count_attempt(endpoint.key, attempt.result_label)
+            ex.last = attempt
+            return ex
         attempt.trial = trial
         attempt.started = started
         if ex.last is not None:
@@ -157,6 +170,25 @@ async def forward(
         route.count_retry()
         if retry > 0:
             await sleep(retry)
+
+
+async def _send_streamed(
+    body: StreamedBody,
+    client: UpstreamClient,
+    endpoint: Endpoint,
+    request: UpstreamRequest,
+    limit: float,
+    service: ServiceRuntimeLike,
+) -> Attempt:
+    """`send` for a body streamed from the app: the deadline also covers the wait for the
+    app's next chunk, which no client can see (it is waiting on the app, not the wire)."""
+    try:
+        async with asyncio.timeout(limit):
+            return await send(client, endpoint, request, limit, service.connect_timeout)
+    except TimeoutError:
+        stalled = "" if body.finished else " (the request body was still arriving)"
+        detail = f"no response within {limit * 1000:.0f}ms{stalled}"
+        return Attempt(Outcome.TIMEOUT, endpoint, detail=detail)
 
 
 def _retry_allowed(

@@ -26,10 +26,10 @@ from sidecar.config.model import FallbackConfig
 from sidecar.http.base import Inbound, Responder
 from sidecar.logs import AccessLog
 from sidecar.request import AccessRecord, Exchange, StreamedBody
-from sidecar.routing import BadPath, normalize_path, rewrite
+from sidecar.routing import BadPath, has_escaped_slash, normalize_path, rewrite
 from sidecar.runtime import RouteRuntime, Runtime
 from sidecar.upstream import request_headers, response_headers
-from sidecar.upstream.base import UpstreamClient, UpstreamError, UpstreamResponse
+from sidecar.upstream.base import UpstreamError, UpstreamResponse
 from sidecar.vocab import Outcome, Reason, TimeoutKind
 
 log = logging.getLogger("sidecar.proxy")
@@ -43,9 +43,8 @@ NO_BODY_STATUSES: Final = frozenset({204, 304})
 
 
 class Proxy:
-    def __init__(self, runtime: Runtime, client: UpstreamClient, access_log: AccessLog) -> None:
+    def __init__(self, runtime: Runtime, access_log: AccessLog) -> None:
         self.runtime = runtime
-        self.client = client
         self.access_log = access_log
         self.in_flight = 0  # all proxied requests, for draining
         self.draining = False
@@ -113,6 +112,12 @@ class Proxy:
             path = normalize_path(raw_path)
         except BadPath as exc:
             await self._error(out, record, Reason.BAD_REQUEST, detail=str(exc))
+            return None
+        if runtime.reject_escaped_slashes and has_escaped_slash(path):
+            # A backend that decodes %2F would read another route's path (Envoy's
+            # CVE-2021-29492): refused unless listen_path_escaped_slashes says keep.
+            detail = "encoded slash or backslash (%2F, %5C) in the path"
+            await self._error(out, record, Reason.BAD_REQUEST, detail=detail)
             return None
         record.path = path[:MAX_LOGGED_PATH]
 
@@ -210,7 +215,7 @@ class Proxy:
         ex.authority = _forwardable_host(host, app_host)
         ex.on_interim = out.send_interim
         try:
-            await forward(ex, route, self.client)
+            await forward(ex, route)
         finally:
             record.attempts = ex.attempts
         attempt = ex.last

@@ -38,12 +38,13 @@ class AccessRecord:
 class StreamedBody:
     """A request body too large to buffer: sent once, straight from the app."""
 
-    __slots__ = ("_inbound", "_prefix", "started")
+    __slots__ = ("_inbound", "_prefix", "finished", "started")
 
     def __init__(self, inbound: Inbound, prefix: bytes = b"") -> None:
         self._inbound = inbound
         self._prefix = prefix  # what was read while deciding it was too large to buffer
         self.started = False
+        self.finished = False  # the app sent all of it
 
     async def chunks(self) -> AsyncIterator[bytes]:
         self.started = True
@@ -51,6 +52,7 @@ class StreamedBody:
             yield self._prefix
         while chunk := await self._inbound.read_chunk():
             yield chunk
+        self.finished = True
 
 
 @dataclass(slots=True)

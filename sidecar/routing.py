@@ -37,6 +37,11 @@ def normalize_path(raw: str) -> str:
     return raw
 
 
+def has_escaped_slash(path: str) -> bool:
+    """Whether a normalised path holds `%2F` or `%5C` (normalisation upper-cases hex)."""
+    return "%" in path and ("%2F" in path or "%5C" in path)
+
+
 def _decode_unreserved(path: str) -> str:
     out: list[str] = []
     i = 0

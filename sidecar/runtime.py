@@ -26,18 +26,20 @@ from sidecar.resilience.budget import RetryBudget
 from sidecar.resilience.fault import FaultInjector
 from sidecar.resilience.retry import RetryPolicy
 from sidecar.routing import RouteTable
+from sidecar.upstream.base import UpstreamClient
 from sidecar.vocab import TimeoutKind
 
 log = logging.getLogger("sidecar.runtime")
 
 
 class ServiceRuntime:
-    def __init__(self, config: ServiceConfig, metrics: Metrics) -> None:
+    def __init__(self, config: ServiceConfig, metrics: Metrics, client: UpstreamClient) -> None:
         self.config = config
         self.name = config.name
         self.max_requests = config.max_requests
         self.connect_timeout = config.connect_timeout
-        self.cluster = Cluster(config, metrics)
+        self.client = client  # the wire client for this service's protocol
+        self.cluster = Cluster(config, metrics, on_removed=client.forget)
         self.breaker = ServiceBreaker(config.name, config.circuit_breaker, metrics)
         self.in_flight = 0
         self._metrics = metrics
@@ -113,6 +115,7 @@ class Runtime:
         self,
         config: SidecarConfig,
         metrics: Metrics,
+        clients: Mapping[str, UpstreamClient],
         previous: Runtime | None = None,
     ) -> None:
         self.config = config
@@ -127,7 +130,7 @@ class Runtime:
         for name, svc_cfg in config.services.items():
             svc = kept.get(name)
             if svc is None:
-                svc = ServiceRuntime(svc_cfg, metrics)
+                svc = ServiceRuntime(svc_cfg, metrics, clients[svc_cfg.protocol])
                 self.new_services.append(svc)
             self.services[name] = svc
         self.dropped_services: list[ServiceRuntime] = []
@@ -141,6 +144,7 @@ class Runtime:
                 route_cfg, self.services[route_cfg.service], metrics
             )
         self.table = RouteTable(config.routes)
+        self.reject_escaped_slashes = config.listen_path_escaped_slashes == "reject"
         self._by_config: Mapping[int, RouteRuntime] = {
             id(r.config): r for r in self.routes.values()
         }

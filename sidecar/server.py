@@ -32,6 +32,7 @@ from sidecar.proxy import Proxy
 from sidecar.registration import Registration
 from sidecar.runtime import Runtime
 from sidecar.tasks import TaskOwner
+from sidecar.upstream.base import UpstreamClient
 from sidecar.upstream.h1 import UpstreamPool
 
 log = logging.getLogger("sidecar.server")
@@ -77,12 +78,17 @@ class Sidecar:
         assert self._proxy is not None
         return self._proxy
 
+    def _clients(self) -> dict[str, UpstreamClient]:
+        """The wire client for each `protocol` a service may name (shared by reloads)."""
+        assert self._pool is not None
+        return {"http1": self._pool}
+
     async def start(self) -> None:
         config = self.config
         self._pool = UpstreamPool()
-        self._runtime = Runtime(config, self.metrics)
+        self._runtime = Runtime(config, self.metrics, self._clients())
         await self._runtime.start_new()
-        self._proxy = Proxy(self._runtime, self._pool, AccessLog(self._log_writer))
+        self._proxy = Proxy(self._runtime, AccessLog(self._log_writer))
 
         self._admin_runner = web.AppRunner(build_admin_app(self), access_log=None)
         await self._admin_runner.setup()
@@ -184,7 +190,7 @@ class Sidecar:
                 new = dataclasses.replace(new, listen=old.listen, admin=old.admin)
             previous = self.runtime
             try:
-                runtime = Runtime(new, self.metrics, previous=previous)
+                runtime = Runtime(new, self.metrics, self._clients(), previous=previous)
                 await runtime.start_new()
             except Exception as exc:
                 # Nothing of the new generation runs (start_new closed it); the old one

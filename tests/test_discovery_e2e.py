@@ -416,3 +416,50 @@ async def test_file_discovery_refuses_fifo_device_and_oversized_file_and_exits_o
     await until_error("(a FIFO)")
     # A generous bound, not a timing claim: the process must exit, and cleanly.
     assert await asyncio.to_thread(proc.stop, signal.SIGTERM, 30) == 0
+
+
+async def test_idle_connections_to_a_removed_endpoint_are_closed(
+    raw_upstream, upstream, sidecar, client, tmp_path
+):
+    closed: list[str] = []
+
+    async def keep_alive(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        # Answer every request on the connection, then note when the sidecar closes it.
+        while await read_request(reader):
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            await writer.drain()
+        closed.append("closed")
+
+    a = await raw_upstream(keep_alive)
+    b = await upstream()
+    eps = tmp_path / "eps.yaml"
+    eps.write_text(json.dumps([a.address]))
+    sc = await sidecar(
+        with_route(f"services:\n  s: {{ discovery: {{ file: {{ path: {eps} }} }} }}\n")
+    )
+    assert await send(client, sc, 2) == [200, 200]
+    assert a.connections == 1 and closed == []  # one pooled connection, idle now
+    tmp = tmp_path / "eps.tmp"
+    tmp.write_text(json.dumps([b.address]))
+    tmp.replace(eps)
+    for _ in range(100):  # until discovery has switched to `b`
+        await send(client, sc, 1)
+        if b.hits:
+            break
+        await asyncio.sleep(0.05)
+    assert b.hits
+    # Discovery dropped `a`: its idle connection is closed, not left to linger.
+    for _ in range(100):
+        if closed:
+            break
+        await asyncio.sleep(0.02)
+    assert closed == ["closed"]
+
+
+async def read_request(reader: asyncio.StreamReader) -> bool:
+    """Read one bodiless request head; False at EOF."""
+    try:
+        await reader.readuntil(b"\r\n\r\n")
+    except (asyncio.IncompleteReadError, ConnectionError):
+        return False
+    return True

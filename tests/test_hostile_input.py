@@ -8,6 +8,7 @@ import json
 
 import pytest
 from helpers import one_service
+from support import eventually
 
 from sidecar import server as sidecar_server
 
@@ -174,6 +175,28 @@ async def test_request_body_that_stalls_gets_504_at_the_route_timeout(upstream, 
     assert up.hits == 0  # nothing of a half-received request goes upstream
 
 
+async def test_streamed_upload_that_stalls_is_cut_at_the_deadline_and_frees_its_slot(
+    upstream, sidecar
+):
+    up = await upstream()  # reads the whole body before answering: it waits with us
+    route = "timeout: 400ms\n        retries: { max_body_bytes: 16 }"
+    sc = await sidecar(one_service(up.address, route_extra=route))
+    reader, writer = await asyncio.open_connection("127.0.0.1", sc.listen)
+    # Larger than max_body_bytes, so it is streamed upstream as it comes; then it stalls.
+    writer.write(b"POST /api HTTP/1.1\r\nHost: a\r\nContent-Length: 100000\r\n\r\n" + b"x" * 500)
+    await writer.drain()
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    assert head.startswith(b"HTTP/1.1 504 "), head
+    assert b"x-sidecar-error: timeout" in head
+    writer.close()
+    assert sc.sample("sidecar_timeouts_total", route="api", service="api", kind="route") == 1
+    await eventually(lambda: sc.sidecar.runtime.services["api"].in_flight == 0)
+    # The app stalled, not the upstream: neither the breaker nor outlier detection count it.
+    service = sc.sidecar.runtime.services["api"]
+    assert service.breaker.snapshot()["failures"] == 0
+    assert service.cluster.endpoints[0].ejection.failures == 0
+
+
 async def test_a_head_trickled_past_the_head_timeout_is_cut_off(
     upstream, sidecar, client, monkeypatch
 ):
@@ -225,3 +248,38 @@ async def test_a_head_trickled_past_the_head_timeout_is_cut_off(
     assert head.startswith(b"HTTP/1.1 200")
     writer.close()
     assert up.seen[-1].body == b"abcdef"
+
+
+async def test_http10_request_with_transfer_encoding_is_refused_and_closed(
+    upstream, sidecar, client
+):
+    up = await upstream()
+    sc = await sidecar(one_service(up.address))
+    # Keep-alive asked for, and a second request smuggled behind a chunked body.
+    smuggled = (
+        b"POST /api HTTP/1.0\r\nHost: a\r\nConnection: keep-alive\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n"
+        b"GET /api/second HTTP/1.1\r\nHost: a\r\n\r\n"
+    )
+    data, closed = await raw_exchange(sc.listen, smuggled)
+    assert data.startswith(b"HTTP/1.0 400"), data[:200]
+    assert b"bad_request" in data and b"HTTP/1.0 request" in data
+    assert data.count(b"\r\n\r\n") == 1, "the bytes behind it were read as a request"
+    assert closed
+    assert up.hits == 0
+    async with client.get(f"{sc.url}/api") as resp:
+        assert resp.status == 200
+
+
+@pytest.mark.parametrize(
+    "path",
+    ["/api/..%2fadmin/x", "/api/..%2Fadmin", "/api/a%5cb", "/api/a%5Cb", "/api%2F..%2Fadmin"],
+)
+async def test_escaped_slashes_are_refused_by_default(path, upstream, sidecar, client):
+    up = await upstream()
+    sc = await sidecar(one_service(up.address))
+    async with client.get(f"{sc.url}{path}") as resp:
+        assert resp.status == 400
+        assert resp.headers["x-sidecar-error"] == "bad_request"
+        assert "encoded slash" in (await resp.json())["detail"]
+    assert up.hits == 0

@@ -9,7 +9,7 @@ import os
 
 import aiohttp
 from aiohttp import web
-from helpers import one_service, read_head
+from helpers import free_port, one_service, read_head
 
 
 async def test_forwards_method_path_query_headers_and_body(upstream, sidecar, client):
@@ -209,10 +209,11 @@ async def test_path_is_normalised_before_routing_and_forwarded_as_routed(upstrea
     writer.close()
     assert [s.path_qs for s in admin.seen] == ["/admin/x", "/admin/x"]
     assert [s.path_qs for s in public.seen] == ["/public/admin"]
-    # Encoded slashes stay encoded: no segment is invented.
+    # Encoded slashes are refused by default (listen_path_escaped_slashes: reject), so no
+    # backend that decodes them can read another route's path.
     async with client.get(f"{sc.url}/public/a%2fb") as resp:
-        assert resp.status == 200
-    assert public.seen[-1].path_qs == "/public/a%2Fb"
+        assert resp.status == 400
+    assert len(public.seen) == 1
 
 
 async def test_broken_percent_escape_is_bad_request(upstream, sidecar):
@@ -574,3 +575,35 @@ async def test_request_id_and_attempts_are_never_doubled_by_an_echoing_upstream(
         else:
             await asyncio.wait_for(reader.readexactly(2), 5)
     writer.close()
+
+
+async def test_sidecar_errors_carry_proxy_status(upstream, sidecar, client):
+    up = await upstream()
+    dead = free_port()
+    sc = await sidecar(
+        f"""
+    services:
+      api: {{ endpoints: ["{up.address}"] }}
+      dead: {{ endpoints: ["127.0.0.1:{dead}"] }}
+    routes:
+      - name: dead
+        match: {{ prefix: /dead }}
+        service: dead
+        retries: {{ max_retries: 0 }}
+      - {{ name: api, match: {{ prefix: /api }}, service: api }}
+    """
+    )
+    cases = {
+        "/nowhere": ("no_route", "destination_not_found"),
+        "/api/a%5Cb": ("bad_request", "http_request_error"),
+        "/dead/x": ("upstream_unreachable", "connection_refused"),
+    }
+    for path, (reason, error_type) in cases.items():
+        async with client.get(f"{sc.url}{path}") as resp:
+            assert resp.headers.get("x-sidecar-error") == reason, (path, resp.status)
+            assert resp.headers["Proxy-Status"] == (
+                f'sidecar; error={error_type}; details="{reason}"'
+            )
+    async with client.get(f"{sc.url}/api") as resp:  # a relayed answer carries none
+        assert resp.status == 200
+        assert "Proxy-Status" not in resp.headers

@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from typing import Any
 
 from sidecar.cluster.balancer import Balancer, make_balancer
@@ -50,8 +50,12 @@ class Cluster:
         source: DiscoverySource | None = None,
         balancer: Balancer | None = None,
         first_result_timeout: float = FIRST_RESULT_TIMEOUT,
+        on_removed: Callable[[Endpoint], None] | None = None,
     ) -> None:
         self.config = config
+        # Told about every endpoint discovery removes (the upstream client closes its
+        # idle connections to it).
+        self._on_removed = on_removed
         self.name = config.name
         self._metrics = metrics
         self._endpoints: list[Endpoint] = []
@@ -171,10 +175,12 @@ class Cluster:
         for address in addresses:
             if address not in by_address:
                 by_address[address] = old.get(address) or Endpoint(address)
-        if self._outlier is not None:
-            for address, endpoint in old.items():
-                if address not in by_address:
+        for address, endpoint in old.items():
+            if address not in by_address:
+                if self._outlier is not None:
                     self._outlier.forget(endpoint)
+                if self._on_removed is not None:
+                    self._on_removed(endpoint)
         # One assignment each: pick() never sees a half-built list.
         self._by_address = by_address
         self._endpoints = list(by_address.values())

@@ -14,6 +14,7 @@ from collections.abc import Awaitable, Callable
 from aiohttp import HttpVersion10, HttpVersion11, web
 from multidict import CIMultiDict, CIMultiDictProxy
 
+from sidecar import errors
 from sidecar.http.base import Fields, HttpVersion, Inbound, Responder
 from sidecar.http.compat import send_continue
 from sidecar.http.response import WholeResponse
@@ -122,6 +123,15 @@ class H1Handler:
         self._draining = draining
 
     async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
+        if request.version == HttpVersion10 and "Transfer-Encoding" in request.headers:
+            # RFC 9112 6.1: Transfer-Encoding in an HTTP/1.0 message is faulty framing (a
+            # 1.0 peer cannot mean chunked); what follows it on the connection cannot be
+            # trusted either, so answer 400 and close.
+            refused = errors.error_response(
+                errors.BAD_REQUEST, detail="Transfer-Encoding in an HTTP/1.0 request"
+            )
+            refused.force_close()
+            return refused
         responder = H1Responder(request)
         await self._serve(H1Inbound(request), responder)
         response = responder.response
