@@ -25,7 +25,7 @@ from aiohttp.web_request import BaseRequest
 from aiohttp.web_response import StreamResponse
 
 from sidecar import errors
-from sidecar.admin import build_admin_app
+from sidecar.admin import admin_runner
 from sidecar.config import ConfigError, SidecarConfig, load_config
 from sidecar.logs import AccessLog, LineWriter, setup_logging
 from sidecar.metrics import Metrics
@@ -147,7 +147,7 @@ class Sidecar:
         await self._runtime.start_new()
         self._proxy = Proxy(self._runtime, self._pool, AccessLog(self._log_writer))
 
-        self._admin_runner = web.AppRunner(build_admin_app(self), access_log=None)
+        self._admin_runner = admin_runner(self)
         await self._admin_runner.setup()
         await web.TCPSite(
             self._admin_runner, config.admin.host, config.admin.port, reuse_address=True
