@@ -139,7 +139,11 @@ def build_admin_app(host: AdminHost) -> web.Application:
 
     async def dashboard_json(request: web.Request) -> web.Response:
         view = sampler.view(host.runtime.snapshot(), draining=host.draining)
-        return web.json_response(view, dumps=json.dumps, headers={"Cache-Control": "no-store"})
+        return web.json_response(
+            view,
+            dumps=json.dumps,
+            headers={"Cache-Control": "no-store", "X-Content-Type-Options": "nosniff"},
+        )
 
     handlers: list[tuple[str, str, Handler]] = [
         ("GET", "/metrics", metrics),

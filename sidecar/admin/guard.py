@@ -12,9 +12,9 @@ have open must not be able to read or drive it. Two ways a browser could:
   "no-cors"})` at `http://127.0.0.1:15000/admin/reload`. Browsers mark those with
   `Sec-Fetch-Site` and `Origin`, so a request that says it is cross-site or same-site, or
   whose Origin (`null` included) is not the Host it was sent to, is refused whatever its
-  Host. A POST must be bodiless with no Content-Type, or `application/json`, which a page
-  cannot send cross-site without a CORS preflight that the admin port never answers; the
-  form encodings (`text/plain`, urlencoded, multipart) are refused with 415.
+  Host. A POST must not be a CORS "simple" request either: the form encodings (`text/plain`,
+  urlencoded, multipart) and a body without Content-Type are refused with 415, so what
+  is left (no body, `application/json`, ...) needs a preflight the admin port never grants.
 
 Each rule is a pure function from header values to a refusal message (None: allowed), so
 the tests can read them one by one; `check_access` (403) and `check_body` (415) apply
@@ -38,6 +38,11 @@ SAFE_METHODS: Final = frozenset({"GET", "HEAD", "OPTIONS"})
 
 # What a browser marks a request with when the page that made it is another site.
 CROSS_SITE_FETCHES: Final = frozenset({"cross-site", "same-site"})
+
+# The Content-Types a cross-site page may send without a CORS preflight.
+FORM_TYPES: Final = frozenset(
+    {"text/plain", "application/x-www-form-urlencoded", "multipart/form-data"}
+)
 
 _DEFAULT_PORTS: Final = {"http": 80, "https": 443}
 
@@ -174,18 +179,25 @@ def origin_refusal(origin: str | None, host: str | None) -> str | None:
 
 
 def body_refusal(content_type: str | None, has_body: bool) -> str | None:
-    """An unsafe method carries no body and no Content-Type, or `application/json`."""
+    """An unsafe method must not look like something a page on any site can send.
+
+    Those are exactly the CORS "simple" requests: a Content-Type of `text/plain`,
+    `application/x-www-form-urlencoded` or `multipart/form-data` (refused even with an
+    empty body: the POST itself is the action), or a body with no Content-Type at all (a
+    typeless Blob). Any other type, `application/json` first, needs a CORS preflight, which
+    the admin port never grants, so it can only come from a non-browser client.
+    """
     if content_type is None:
         if has_body:
             return "a request body needs Content-Type: application/json"
         return None
     mime = content_type.split(";", 1)[0].strip().lower()
-    if mime == "application/json":
-        return None
-    return (
-        f"Content-Type {_echo(mime)} is not accepted: send no body, or application/json "
-        "(form encodings are refused so that no web page can post here)"
-    )
+    if mime in FORM_TYPES:
+        return (
+            f"Content-Type {_echo(mime)} is not accepted: send no body, or application/json "
+            "(form encodings are refused so that no web page can post here)"
+        )
+    return None
 
 
 def check_access(headers: MultiMapping[str], admin_hosts: Collection[str]) -> Refusal | None:
