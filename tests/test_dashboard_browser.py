@@ -316,6 +316,115 @@ async def test_twenty_services_fit_one_laptop_screen(upstream, sidecar, browser,
     browser.assert_clean()
 
 
+# --- the page alone, on data the breaker does not produce yet ---------------------------
+
+
+def fixed_view(services: list[dict[str, Any]]) -> dict[str, Any]:
+    base = {
+        "routes": ["r"],
+        "endpoints": {"healthy": 1, "unhealthy": 1, "ejected": 1},
+        "in_flight": 3,
+        "max_requests": 3,
+        "window_seconds": 10.0,
+        "rate": 12.5,
+        "error_share": 0.5,
+        "p50_ms": 1.5,
+        "p99_ms": 1500.0,
+        "retries": {"per_second": 1.0, "total": 7},
+        "budget_exhausted": {"per_second": 0.5, "total": 2},
+        "rejected": {"per_second": 0.0, "total": 0},
+        "requests_total": 100,
+        "sparkline": {"rate": [1.0, 2.0, 3.0], "errors": [0.0, 1.0, 0.0]},
+    }
+    return {
+        "generated_at": 1_000_100.0,
+        "interval_seconds": 1.0,
+        "window_seconds": 10.0,
+        "history_points": 60,
+        "draining": False,
+        "services": [base | s for s in services],
+    }
+
+
+async def test_trip_reason_failure_rate_and_free_text_from_a_newer_breaker(browser):
+    """The page shows trip_reason and failure_rate when the breaker reports them, as text."""
+    from sidecar.dashboard import page as dashboard_page
+
+    evil = '<img src=x onerror="window.__xss=1">'
+    view = fixed_view(
+        [
+            {
+                "name": "payments",
+                "breaker": {
+                    "state": "open",
+                    "since": 1_000_088.0,
+                    "trip_reason": "failure_rate" + evil,
+                    "failure_rate": 0.625,
+                    "last_failure": "HTTP 503 " + evil,
+                    "last_failure_at": 1_000_095.0,
+                    "retry_after": 2.2,
+                },
+            },
+            {"name": "orders", "breaker": {"state": "closed", "since": 1_000_000.0}},
+        ]
+    )
+    answer = {"status": 200}
+
+    async def json_view(request: web.Request) -> web.Response:
+        if answer["status"] != 200:
+            return web.json_response({"error": "down"}, status=answer["status"])
+        return web.json_response(view)
+
+    async def page(request: web.Request) -> web.Response:
+        return web.Response(
+            body=dashboard_page.BODY,
+            content_type="text/html",
+            headers=dashboard_page.HEADERS,
+        )
+
+    app = web.Application()
+    app.router.add_get("/dashboard", page)
+    app.router.add_get("/admin/dashboard.json", json_view)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        p = browser.page
+        await p.goto(f"http://127.0.0.1:{port}/dashboard")
+        await browser.wait_for_state("payments", "open")
+        payments = await browser.tile("payments")
+        assert await payments.locator(".state").inner_text() == "OPEN 12s"
+        assert await payments.locator(".why").inner_text() == (
+            f"tripped: failure_rate{evil} · trial in 3s · failure rate 62.5% · "
+            f"last failure 5s ago: HTTP 503 {evil}"
+        )
+        orders = await browser.tile("orders")
+        assert await orders.locator(".why").inner_text() == "no failures"
+        assert await orders.locator(".state").inner_text() == "CLOSED 1m 40s"
+        stats = await payments.locator(".stat b").all_inner_texts()
+        assert stats == ["12.5", "50.0%", "1.5 ms", "1.50 s", "1.0 Σ7", "0.50 Σ2", "0 Σ0", "3/3"]
+        assert await payments.locator(".endpoints").inner_text() == (
+            "1 ok · 1 unhealthy · 1 ejected"
+        )
+        assert await p.locator("section.tile img").count() == 0
+        assert await p.evaluate("() => window.__xss") is None
+        assert await p.locator("#summary").inner_text() == "2 services · 1 open · 0 half open"
+        browser.assert_clean()
+
+        # The sidecar stops answering: the header says so, the last tiles stay.
+        answer["status"] = 503
+        await p.wait_for_function(
+            "() => document.getElementById('status').className === 'stale'", timeout=15000
+        )
+        assert (await p.locator("#status").inner_text()).startswith("no answer from the sidecar")
+        assert await browser.tiles() == ["payments", "orders"]
+        assert browser.errors == []
+        assert browser.console and all("status of 503" in m for m in browser.console)
+    finally:
+        await runner.cleanup()
+
+
 # --- the demo, photographed ---------------------------------------------------------------
 
 
