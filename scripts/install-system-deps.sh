@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # Installs the Debian packages a step needs, only when missing. Runs as root (or via sudo).
 #   test:  etcd, dnsmasq, prometheus/promtool  (real registries and a real Prometheus in tests),
-#          thrift-compiler                      (tests generate a Thrift service's Python code)
+#          thrift-compiler                      (tests generate a Thrift service's Python code),
+#          chromium                             (the dashboard page, tested in a real browser)
 #   bench: wrk, haproxy, nginx                 (load generator and the comparison proxies)
 set -euo pipefail
 case "${1:-test}" in
   test)  want=(etcd-server:etcd dnsmasq-base:dnsmasq prometheus:promtool wrk:wrk haproxy:haproxy
-               thrift-compiler:thrift) ;;
+               thrift-compiler:thrift chromium:chromium) ;;
   bench) want=(wrk:wrk haproxy:haproxy nginx-light:nginx util-linux:taskset) ;;
   *) echo "usage: $0 test|bench" >&2; exit 2 ;;
 esac

@@ -71,11 +71,15 @@ def _instructions(config: SidecarConfig) -> str:
         [
             "",
             "sidecar demo: upstreams catalog (healthy), orders (1 in 3 fails), payments (down)",
+            f"  open {admin}/dashboard in a browser: live tiles, one per service;",
+            "  send the traffic below and watch payments turn red and the orders retries climb",
             f"  curl -i {base}/catalog/items          # healthy: x-sidecar-attempts: 1",
             f"  for i in 1 2 3 4 5 6; do curl -s -o /dev/null -D - {base}/orders/1 "
             "| grep -i x-sidecar-attempts; done   # retries hide the 503s",
             f"  for i in 1 2 3 4 5; do curl -s {base}/payments/charge; echo; done"
             "   # 503s, then the breaker opens and the fallback answers",
+            f"  while sleep 0.2; do curl -so /dev/null {base}/orders/1; "
+            f"curl -so /dev/null {base}/payments/charge; done   # steady traffic to watch",
             f"  curl -s {admin}/admin/state           # breaker state, endpoints",
             f"  curl -s {admin}/metrics | grep sidecar_circuit_breaker_state",
             "Access log: one JSON line per request below. Ctrl-C drains and stops.",

@@ -22,7 +22,7 @@ from typing import Any
 from aiohttp import web
 
 from sidecar import errors
-from sidecar.admin import build_admin_app
+from sidecar.admin import admin_runner
 from sidecar.config import ConfigError, SidecarConfig, load_config
 from sidecar.http.compat import ProxyServer, set_shutdown_timeout
 from sidecar.http.h1server import H1Handler
@@ -90,7 +90,7 @@ class Sidecar:
         await self._runtime.start_new()
         self._proxy = Proxy(self._runtime, AccessLog(self._log_writer))
 
-        self._admin_runner = web.AppRunner(build_admin_app(self), access_log=None)
+        self._admin_runner = admin_runner(self)
         await self._admin_runner.setup()
         await web.TCPSite(
             self._admin_runner, config.admin.host, config.admin.port, reuse_address=True
