@@ -60,7 +60,7 @@ def test_typo_gets_a_suggestion() -> None:
     result = validate("-c", path)
     assert result.returncode == 1
     assert result.stderr.splitlines() == [
-        f"{path}:9:7: routes[0].retries: unknown key 'per_try_timout' (did you mean 'per_try_timeout'?)"
+        f"{path}:9:7: routes[0].retries.per_try_timout: unknown key (did you mean 'per_try_timeout'?)"
     ]
 
 

@@ -11,9 +11,10 @@ from pathlib import Path
 import pytest
 
 from sidecar.config import ConfigError, load_config, load_config_text
-from sidecar.config.build import SCHEMA
+from sidecar.config.schema import SCHEMA
 from sidecar.config.checks import format_statuses, worst_backoff
-from sidecar.config.dump import config_to_dict, mask_url
+from sidecar.config.dump import config_to_dict
+from sidecar.redact import mask_url
 from sidecar.config.durations import format_duration, parse_duration
 from sidecar.config.envsubst import EnvError, substitute
 from sidecar.config.model import (
@@ -97,8 +98,10 @@ def test_minimal_config_gets_every_default() -> None:
         1.0,
         1024,
     )
-    assert service.health_check is None and service.outlier_detection is None
+    assert service.health_check is None
+    assert service.outlier_detection == OutlierDetectionConfig()  # on by default
     assert service.circuit_breaker == CircuitBreakerConfig()
+    assert (service.idle_timeout, service.protocol) == (4.0, "http1")
     (route,) = cfg.routes
     assert (route.name, route.timeout, route.retries) == ("0", 15.0, RetryConfig())
     assert route.fallback is None and route.fault is None and cfg.register is None

@@ -26,6 +26,7 @@ import aiohttp
 from sidecar.config.model import Address, EtcdDiscovery
 from sidecar.discovery import DiscoverySink, parse_address
 from sidecar.discovery.etcdclient import EtcdClient, EtcdError
+from sidecar.redact import mask_url
 
 log = logging.getLogger("sidecar.discovery")
 
@@ -67,7 +68,7 @@ class EtcdSource:
     def describe(self) -> dict[str, Any]:
         return {
             "prefix": self.config.prefix,
-            "endpoint": self.endpoint,
+            "endpoint": None if self.endpoint is None else mask_url(self.endpoint),
             "connected": self.connected,
             "watching": self.watching,
             "revision": self.revision,
@@ -86,7 +87,7 @@ class EtcdSource:
                         # A working connection just broke: the first retry comes quickly.
                         delay = BACKOFF_BASE
                     self.connected = self.watching = False
-                    sink.discovery_failed(f"etcd: {exc}")
+                    sink.discovery_failed(mask_url(f"etcd: {exc}"))
                     # Equal jitter: never hammer, never wait much longer than planned.
                     await asyncio.sleep(delay / 2 + random.uniform(0, delay / 2))
                     delay = min(delay * 2, BACKOFF_MAX)
