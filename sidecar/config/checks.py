@@ -97,8 +97,8 @@ def _check_service(r: Reader, name: str, service: ServiceConfig) -> None:
     if rate is not None and rate.min_calls > MIN_CALLS_PER_SECOND * rate.window:
         r.warn(
             r.spot(f"{eff}.circuit_breaker.failure_rate.min_calls"),
-            f"min_calls ({rate.min_calls}) in a {fmt(rate.window)} window needs more than "
-            f"{rate.min_calls / rate.window:g} calls per second; with less traffic the "
+            f"min_calls ({rate.min_calls}) is reached only at {rate.min_calls / rate.window:g} "
+            f"calls per second or more over the {fmt(rate.window)} window; below that the "
             "failure_rate and slow_call rules never act (only failure_threshold opens the "
             "breaker): lower min_calls or widen the window",
         )

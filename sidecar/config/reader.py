@@ -42,6 +42,7 @@ T = TypeVar("T")
 # RFC 9110 token: methods and header names.
 TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+MAX_SUGGESTED = 200
 _PERCENT = re.compile(r"([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*%")
 
 
@@ -62,8 +63,12 @@ Read = Callable[[YNode], object]  # a value; None after reporting a problem; or 
 
 
 def suggest(word: str, choices: Collection[str]) -> str | None:
-    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
-    return close[0] if close else None
+    """The choice closest to `word`, if one is close; case does not count (`HTTP1`)."""
+    if len(word) > MAX_SUGGESTED:  # nobody mistypes this much; and difflib is quadratic
+        return None
+    by_lower = {c.lower(): c for c in choices}
+    close = difflib.get_close_matches(word.lower(), list(by_lower), n=1, cutoff=0.6)
+    return by_lower[close[0]] if close else None
 
 
 def _num(x: float) -> str:

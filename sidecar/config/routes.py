@@ -63,7 +63,7 @@ def route(r: Reader, name: str, m: YMap, eff: str, services: Sequence[str]) -> R
             return value
         close = suggest(value, services)
         if close:
-            hint = f" (did you mean '{close}'?)"
+            hint = f" (did you mean {quote(close)}?)"
         elif services:
             hint = " (defined: " + ", ".join(clip(s) for s in services) + ")"
         else:
