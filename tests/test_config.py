@@ -524,8 +524,8 @@ def test_reference_config_shows_the_defaults_it_claims() -> None:
 
 def test_reference_config_and_docs_mention_every_key() -> None:
     reference, docs = REFERENCE.read_text(), DOCS.read_text()
-    for where, keys in SCHEMA.items():
-        for key in keys:
+    for where, names in SCHEMA.items():
+        for key in names:
             assert re.search(rf"(^|[\s{{,#-]){key}:", reference, re.M), (
                 f"{where}.{key} missing from reference.yaml"
             )

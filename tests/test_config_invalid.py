@@ -676,7 +676,7 @@ def test_undefined_alias() -> None:
     ("make", "what"),
     [
         (lambda p: p.mkdir(), "a directory"),
-        (lambda p: os.mkfifo(p), "a named pipe (FIFO)"),
+        (os.mkfifo, "a named pipe (FIFO)"),
     ],
     ids=["directory", "fifo"],
 )

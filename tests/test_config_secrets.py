@@ -36,7 +36,9 @@ async def test_admin_config_shows_env_references_not_values(
             discovery: {{ file: {{ path: no-endpoints-yet.yaml }} }}
         routes:
           - name: api
-            match: {{ prefix: /api, headers: {{ authorization: "Bearer ${{SIDECAR_TEST_TOKEN}}" }} }}
+            match:
+              prefix: /api
+              headers: {{ authorization: "Bearer ${{SIDECAR_TEST_TOKEN}}" }}
             service: api
           - name: gone
             match: {{ prefix: /gone }}
