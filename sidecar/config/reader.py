@@ -228,10 +228,10 @@ class Reader:
         """Keyword arguments for `cls` from the keys `m` wrote, each read with its reader.
 
         A key left out, null or in error is not passed, so the dataclass default applies:
-        defaults live in the model only. `switches` are blocks that are on by default, for
-        which a null means off (their readers use `switch`). `handled` keys are read by the
-        caller; between them and `readers` every key of `cls` must be covered, so a field
-        added to the model cannot go unread.
+        defaults live in the model only. The keys of `readers` are the field names.
+        `switches` are the switchable blocks, for which a null means off (their readers use
+        `switch`). `handled` keys are read by the caller; between them and `readers` every
+        key of `cls` must be covered, so a field added to the model cannot go unread.
         """
         if set(readers) | set(handled) != set(keys(cls)):
             raise TypeError(f"{cls.__name__}: keys {keys(cls)} but readers for {list(readers)}")
