@@ -1,5 +1,5 @@
 # ruff: noqa: E501  -- expected messages stay on one line each, as the user sees them
-"""`python -m sidecar validate` (CONTRACT §1): OK and exit 0, or one line per problem on
+"""`python -m sidecar validate`: OK and exit 0, or one line per problem on
 stderr and exit 1; warnings start with `warning:` and do not fail the check."""
 
 from __future__ import annotations
