@@ -74,6 +74,12 @@ class Sidecar:
         return self._runtime
 
     @property
+    def admin_app(self) -> web.Application:
+        """The admin API's application (its state holds the dashboard sampler)."""
+        assert self._admin_runner is not None
+        return self._admin_runner.app
+
+    @property
     def proxy(self) -> Proxy:
         assert self._proxy is not None
         return self._proxy

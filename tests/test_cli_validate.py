@@ -1,5 +1,5 @@
 # ruff: noqa: E501  -- expected messages stay on one line each, as the user sees them
-"""`python -m sidecar validate` (CONTRACT §1): OK and exit 0, or one line per problem on
+"""`python -m sidecar validate`: OK and exit 0, or one line per problem on
 stderr and exit 1; warnings start with `warning:` and do not fail the check."""
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ def test_typo_gets_a_suggestion() -> None:
     result = validate("-c", path)
     assert result.returncode == 1
     assert result.stderr.splitlines() == [
-        f"{path}:9:7: routes[0].retries: unknown key 'per_try_timout' (did you mean 'per_try_timeout'?)"
+        f"{path}:9:7: routes[0].retries.per_try_timout: unknown key (did you mean 'per_try_timeout'?)"
     ]
 
 
@@ -140,3 +140,70 @@ def test_default_config_path(tmp_path: Path) -> None:
         check=False,
     )
     assert (result.returncode, result.stdout, result.stderr) == (0, "OK\n", "")
+
+
+def test_new_key_mistakes_print_one_line_each() -> None:
+    path = "tests/data/invalid/rate_bare_number.yaml"
+    result = validate("-c", path)
+    assert (result.returncode, result.stdout) == (1, "")
+    assert result.stderr.splitlines() == [
+        f"{path}:5:34: services.orders.circuit_breaker.failure_rate.threshold: must be a share: '50%' or 0.5, got 50 (did you mean '50%'?)",
+        f"{path}:6:26: services.orders.circuit_breaker.slow_call.rate: must be a share: '50%' or 0.5, got 80 (did you mean '80%'?)",
+    ]
+
+
+def test_slow_call_warning_names_the_route_and_exits_0(tmp_path: Path) -> None:
+    path = tmp_path / "slow.yaml"
+    path.write_text(
+        "services:\n"
+        "  orders:\n"
+        "    endpoints: ['127.0.0.1:8080']\n"
+        "    circuit_breaker: {slow_call: {duration: 2s}}\n"
+        "routes:\n"
+        "  - {name: orders-read, match: {prefix: /}, service: orders, timeout: 2s}\n"
+    )
+    result = validate("-c", str(path))
+    assert (result.returncode, result.stdout) == (0, "OK\n")
+    assert result.stderr.splitlines() == [
+        f"warning: {path}:4:45: services.orders.circuit_breaker.slow_call.duration: slow_call.duration (2s) is not shorter than the timeout (2s) of route 'orders-read' (routes[0]): its attempts time out (and count as failures) before they can count as slow"
+    ]
+
+
+def test_discovery_file_that_is_a_device_is_an_error() -> None:
+    path = "tests/data/invalid/file_not_regular.yaml"
+    result = validate("-c", path)
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == [
+        f"{path}:4:21: services.orders.discovery.file.path: must be a regular file, got a character device: /dev/zero"
+    ]
+
+
+def test_huge_and_hostile_keys_and_values_give_bounded_lines(tmp_path: Path) -> None:
+    """A 1 MiB key and a 3 MiB value are never echoed whole; newlines, NULs and terminal
+    escapes never break a line or reach the terminal raw."""
+    head = (
+        "services:\n"
+        "  orders:\n"
+        "    endpoints: ['127.0.0.1:8080']\n"
+        '    load_balancer: "round\\nrobin\\0\\e[2J"\n'
+        "routes:\n"
+        "  - match: {prefix: /}\n"
+        "    service: orders\n"
+    )
+    hostile = (
+        "{path}:4:20: services.orders.load_balancer: must be one of round_robin, least_request, "
+        "random, got 'round\\nrobin\\x00\\x1b[2J' (did you mean 'round_robin'?)"
+    )
+    value_file, key_file = tmp_path / "value.yaml", tmp_path / "key.yaml"
+    value_file.write_text(head + f"    timeout: {'v' * (3 << 20)}\n")
+    key_file.write_text(head + f"    ? {'k' * (1 << 20)}\n    : 1\n")
+    expected = {
+        value_file: f"{value_file}:8:14: routes[0].timeout: expected a duration like '250ms' or '2s', got '{'v' * 80}...' (3145728 characters)",
+        key_file: f"{key_file}:8:7: routes[0].{'k' * 80}...(1048576 characters): unknown key (valid keys: name, match, service, rewrite_prefix, timeout, retries, fallback, fault)",
+    }
+    for path, line in expected.items():
+        result = validate("-c", str(path))
+        assert result.returncode == 1
+        assert len(result.stderr) < 1000
+        assert "\x00" not in result.stderr and "\x1b" not in result.stderr
+        assert result.stderr.splitlines() == [hostile.format(path=path), line]

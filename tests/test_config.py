@@ -4,6 +4,7 @@ the reference config and docs, and every warning with its exact text."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from pathlib import Path
@@ -11,25 +12,40 @@ from pathlib import Path
 import pytest
 
 from sidecar.config import ConfigError, load_config, load_config_text
-from sidecar.config.build import SCHEMA
+from sidecar.config.addresses import parse_address
 from sidecar.config.checks import format_statuses, worst_backoff
-from sidecar.config.dump import config_to_dict, mask_url
+from sidecar.config.dump import config_to_dict
 from sidecar.config.durations import format_duration, parse_duration
-from sidecar.config.envsubst import EnvError, substitute
+from sidecar.config.envsubst import EnvError, has_reference, substitute
 from sidecar.config.model import (
     Address,
     BackoffConfig,
     CircuitBreakerConfig,
     DnsDiscovery,
     EtcdDiscovery,
+    FailureRateConfig,
     FallbackConfig,
+    FaultAbort,
     FileDiscovery,
     HealthCheckConfig,
+    Http2Config,
     OutlierDetectionConfig,
+    ProbeConfig,
     RetryConfig,
+    RouteConfig,
+    ServiceConfig,
     SidecarConfig,
+    SlowCallConfig,
     StaticDiscovery,
 )
+from sidecar.config.reader import Reader
+from sidecar.config.schema import SCHEMA, keys
+from sidecar.config.show import bounded, clip, escape, quote
+from sidecar.config.yamlsafe import YMap
+from sidecar.discovery import parse_address as discovery_parse_address
+from sidecar.discovery.etcd import parse_instance
+from sidecar.discovery.file import parse_endpoint_list
+from sidecar.redact import mask_url
 
 ROOT = Path(__file__).parent.parent
 VALID = Path(__file__).parent / "data" / "valid"
@@ -97,8 +113,10 @@ def test_minimal_config_gets_every_default() -> None:
         1.0,
         1024,
     )
-    assert service.health_check is None and service.outlier_detection is None
+    assert service.health_check is None
+    assert service.outlier_detection == OutlierDetectionConfig()  # on by default
     assert service.circuit_breaker == CircuitBreakerConfig()
+    assert (service.idle_timeout, service.protocol) == (4.0, "http1")
     (route,) = cfg.routes
     assert (route.name, route.timeout, route.retries) == ("0", 15.0, RetryConfig())
     assert route.fallback is None and route.fault is None and cfg.register is None
@@ -506,8 +524,8 @@ def test_reference_config_shows_the_defaults_it_claims() -> None:
 
 def test_reference_config_and_docs_mention_every_key() -> None:
     reference, docs = REFERENCE.read_text(), DOCS.read_text()
-    for where, keys in SCHEMA.items():
-        for key in keys:
+    for where, names in SCHEMA.items():
+        for key in names:
             assert re.search(rf"(^|[\s{{,#-]){key}:", reference, re.M), (
                 f"{where}.{key} missing from reference.yaml"
             )
@@ -752,3 +770,419 @@ def test_worst_backoff_and_status_ranges() -> None:
     assert worst_backoff(RetryConfig(max_retries=0)) == 0
     assert format_statuses([504, 500, 502, 503, 501]) == "500-504"
     assert format_statuses([429, 500, 503]) == "429, 500, 503"
+
+
+# -- the keys for resilience, gRPC and hardening --------------------------------------------
+
+
+def test_new_keys_load() -> None:
+    cfg = load("new_keys.yaml")
+    assert cfg.listen_path_escaped_slashes == "keep"
+    assert cfg.admin_hosts == ("sidecar.internal", "admin.example")  # lower-cased, no dot
+    assert cfg.http2 == Http2Config(250, 32768, 1048576, 16777216)
+    greeter, orders, users = (cfg.services[n] for n in ("greeter", "orders", "users"))
+    assert (greeter.protocol, greeter.idle_timeout) == ("h2c", 2.0)  # idle_timeout: defaults
+    assert greeter.health_check == HealthCheckConfig(grpc=True, grpc_service="helloworld.Greeter")
+    assert greeter.outlier_detection is None
+    assert greeter.circuit_breaker == CircuitBreakerConfig(
+        # window from defaults, merged key by key
+        failure_rate=FailureRateConfig(threshold=0.25, window=30.0, min_calls=50),
+        slow_call=SlowCallConfig(duration=0.25, rate=0.9),
+        reset_timeout=2.0,
+        max_reset_timeout=20.0,
+        failure_grpc_status=frozenset({14}),
+        probe=ProbeConfig(interval=1.0),
+    )
+    assert greeter.circuit_breaker.open_period_cap == 20.0
+    assert (orders.protocol, orders.idle_timeout) == ("http1", 30.0)
+    assert orders.outlier_detection == OutlierDetectionConfig(consecutive_failures=3)
+    assert orders.circuit_breaker == CircuitBreakerConfig(
+        failure_rate=None, slow_call=SlowCallConfig(), probe=None
+    )
+    assert users.outlier_detection is None  # null: off
+    # `true` under a defaults mapping takes that mapping
+    assert users.circuit_breaker.failure_rate == FailureRateConfig(window=30.0)
+    greet = cfg.routes[0]
+    assert greet.retries.retry_on == {"connect-failure"}
+    assert greet.retries.retry_on_grpc == {14, 4}
+    assert greet.fault is not None and greet.fault.abort == FaultAbort(0, 503, 8)
+
+
+def test_breaker_cap_defaults_to_the_larger_of_60s_and_reset_timeout() -> None:
+    assert CircuitBreakerConfig().open_period_cap == 60.0
+    text = (
+        SERVICE
+        + "    circuit_breaker: {reset_timeout: 90s}\nroutes: [{match: {prefix: /}, service: orders}]\n"
+    )
+    cfg, _ = load_config_text(text, env={})
+    breaker = cfg.services["orders"].circuit_breaker
+    assert (breaker.max_reset_timeout, breaker.open_period_cap) == (None, 90.0)
+    assert config_to_dict(cfg)["services"]["orders"]["circuit_breaker"]["max_reset_timeout"] == 90.0
+
+
+@pytest.mark.parametrize(
+    ("defaults", "own", "expected"),
+    [
+        ("", "", OutlierDetectionConfig()),
+        ("", "outlier_detection: true", OutlierDetectionConfig()),
+        ("", "outlier_detection: {}", OutlierDetectionConfig()),
+        ("", "outlier_detection: false", None),
+        ("", "outlier_detection: null", None),
+        ("", "outlier_detection: ~", None),
+        ("outlier_detection: {ejection_time: 5s}", "", OutlierDetectionConfig(ejection_time=5.0)),
+        (
+            "outlier_detection: {ejection_time: 5s}",
+            "outlier_detection: true",
+            OutlierDetectionConfig(ejection_time=5.0),
+        ),
+        (
+            "outlier_detection: {ejection_time: 5s}",
+            "outlier_detection: {consecutive_failures: 2}",
+            OutlierDetectionConfig(2, 5.0),
+        ),
+        ("outlier_detection: {ejection_time: 5s}", "outlier_detection: false", None),
+        ("outlier_detection: false", "", None),
+        (
+            "outlier_detection: false",
+            "outlier_detection: {consecutive_failures: 2}",
+            OutlierDetectionConfig(2),
+        ),
+        ("outlier_detection: false", "outlier_detection: true", OutlierDetectionConfig()),
+    ],
+)
+def test_switchable_blocks(
+    defaults: str, own: str, expected: OutlierDetectionConfig | None
+) -> None:
+    text = (
+        (f"defaults:\n  {defaults}\n" if defaults else "")
+        + SERVICE
+        + (f"    {own}\n" if own else "")
+        + "routes: [{match: {prefix: /}, service: orders}]\n"
+    )
+    cfg, _ = load_config_text(text, env={})
+    assert cfg.services["orders"].outlier_detection == expected
+
+
+# -- one schema, and every default from the model -------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "written",
+    [
+        "",
+        "circuit_breaker: {}",
+        "circuit_breaker: null",
+        "circuit_breaker: {failure_rate: true, probe: true, slow_call: false}",
+        "circuit_breaker: {failure_rate: {}, probe: {}}",
+        "outlier_detection: true",
+        "outlier_detection: {}",
+        "health_check: null",
+        "load_balancer: null\n    idle_timeout: ~",
+    ],
+)
+def test_absent_empty_and_null_service_blocks_give_the_model_defaults(written: str) -> None:
+    text = SERVICE + f"    {written}\nroutes: [{{match: {{prefix: /}}, service: orders}}]\n"
+    cfg, _ = load_config_text(text, env={})
+    expected = ServiceConfig(
+        name="orders", discovery=StaticDiscovery((Address("127.0.0.1", 8080),))
+    )
+    assert cfg.services["orders"] == expected
+
+
+@pytest.mark.parametrize(
+    "written",
+    [
+        "",
+        "retries: {}",
+        "retries: null",
+        "retries: {backoff: {}, budget: {}}",
+        "retries: {backoff: null}",
+        "timeout: null",
+    ],
+)
+def test_absent_empty_and_null_route_blocks_give_the_model_defaults(written: str) -> None:
+    text = SERVICE + f"routes:\n  - match: {{prefix: /}}\n    service: orders\n    {written}\n"
+    cfg, _ = load_config_text(text, env={})
+    (route,) = cfg.routes
+    assert route == RouteConfig(name="0", match=route.match, service="orders")
+
+
+def test_keys_are_the_model_fields() -> None:
+    for where, names in SCHEMA.items():
+        assert len(set(names)) == len(names), where
+    assert keys(CircuitBreakerConfig) == tuple(
+        f.name for f in dataclasses.fields(CircuitBreakerConfig)
+    )
+    assert "retry_on_grpc" not in keys(RetryConfig)  # filled from retry_on
+    assert keys(ServiceConfig)[:2] == ("endpoints", "discovery")  # `name` is the mapping key
+    assert "source" not in SCHEMA[""] and "substituted" not in SCHEMA[""]
+    assert SCHEMA["defaults"][-2:] == ("idle_timeout", "protocol")
+
+
+def test_a_field_without_a_reader_is_refused() -> None:
+    @dataclasses.dataclass(frozen=True)
+    class Block:
+        a: int = 1
+        b: int = 2
+
+    r = Reader("<test>", {})
+    with pytest.raises(TypeError, match="Block: keys"):
+        r.block(YMap(), "x", Block, {"a": r.duration})
+    assert r.block(YMap(), "x", Block, {"a": r.duration}, handled=("b",)) == {}
+
+
+# -- one address parser ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("written", "address"),
+    [
+        ("orders.local:80", Address("orders.local", 80)),
+        ("Orders.LOCAL:80", Address("orders.local", 80)),
+        ("[::0001]:80", Address("::1", 80)),
+        ("[FE80::A]:443", Address("fe80::a", 443)),
+        ("127.0.0.1:0080", Address("127.0.0.1", 80)),
+    ],
+)
+def test_yaml_file_and_etcd_give_equal_addresses(written: str, address: Address) -> None:
+    text = f"services: {{o: {{endpoints: ['{written}']}}}}\nroutes: [{{match: {{prefix: /}}, service: o}}]\n"
+    cfg, _ = load_config_text(text, env={})
+    assert cfg.services["o"].discovery == StaticDiscovery((address,))
+    assert parse_endpoint_list(f"- '{written}'\n".encode()) == (address,)
+    assert parse_instance(written.encode()) == address
+    assert parse_instance(json.dumps({"address": written}).encode()) == address
+    assert discovery_parse_address(f" {written} ") == address == parse_address(written)
+
+
+def test_discovery_refuses_what_the_config_refuses() -> None:
+    for bad in ("bad_host!:80", "300.1.1.1:80", "a b:80", "h:http", "h:" + "9" * 5000):
+        with pytest.raises(ValueError):
+            discovery_parse_address(bad)
+        with pytest.raises(ValueError):
+            parse_instance(bad.encode())
+
+
+# -- how values appear in messages -----------------------------------------------------------
+
+
+def test_quote_and_clip() -> None:
+    assert quote("abc") == "'abc'"
+    assert quote("a" * 80) == "'" + "a" * 80 + "'"
+    assert quote("a" * (1 << 20)) == "'" + "a" * 80 + "...' (1048576 characters)"
+    assert clip("1" * 81) == "1" * 80 + "... (81 characters)"
+    assert (
+        escape("a\nb\tc\r\x00\x7f\x9b\u2028\u202e\u00e9")
+        == "a\\nb\\tc\\r\\x00\\x7f\\x9b\\u2028\\u202e\u00e9"
+    )
+    # an escape is never split, and escaped text counts as shown
+    assert quote("\x00" * 30) == "'" + "\\x00" * 20 + "...' (30 characters)"
+    assert bounded("x\ny") == "x\\ny" and len(bounded("z" * 10_000)) < 450
+
+
+def test_has_reference() -> None:
+    assert has_reference("${A}") and has_reference("x ${A:-d} y") and has_reference("$${A} ${B}")
+    assert not has_reference("$${A}") and not has_reference("plain") and not has_reference("$A")
+
+
+# -- passwords in URLs -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "masked"),
+    [
+        ("http://user:secret@127.0.0.1:2379", "http://user:***@127.0.0.1:2379"),
+        ("http://127.0.0.1:2379", "http://127.0.0.1:2379"),
+        ("http://user@host/", "http://user@host/"),  # no password
+        ("https://:tok@h/v3/kv/range", "https://:***@h/v3/kv/range"),
+        ("http://u:p@ss@h:1/x@y", "http://u:***@h:1/x@y"),  # a raw '@' in the password
+        (
+            "etcd: http://u:s3cret@127.0.0.1:1/v3/kv/range: Cannot connect to host; tried http://v:t@h2",
+            "etcd: http://u:***@127.0.0.1:1/v3/kv/range: Cannot connect to host; tried http://v:***@h2",
+        ),
+        ("['http://a:1', 'http://u:p@h']", "['http://a:1', 'http://u:***@h']"),
+        ("mail me: user:pass@example.com", "mail me: user:pass@example.com"),  # not a URL
+    ],
+)
+def test_mask_url(text: str, masked: str) -> None:
+    assert mask_url(text) == masked
+
+
+# -- the dump shows ${VAR} references, never their values ------------------------------------
+
+
+def test_dump_shows_substituted_strings_as_written() -> None:
+    text = (
+        "services:\n"
+        "  orders:\n"
+        "    endpoints: ['${HOST}:8080', '127.0.0.1:8081']\n"
+        "    max_requests: ${N}\n"
+        "  stock:\n"
+        "    discovery: {etcd: {endpoints: ['http://u:${PASS}@127.0.0.1:2379', '${ETCD}'], prefix: /s/}}\n"
+        "defaults:\n"
+        "  fallback: {headers: {X-Default: '${TOKEN:-none}'}}\n"
+        "routes:\n"
+        "  - match: {prefix: /, headers: {Authorization: 'Bearer ${TOKEN}', x-plain: '$${TOKEN}'}}\n"
+        "    service: orders\n"
+        "    fallback: {body: '${BODY}', headers: {x-token: '${TOKEN}'}}\n"
+        "  - match: {prefix: /stock}\n"
+        "    service: stock\n"
+    )
+    env = {
+        "HOST": "10.1.2.3",
+        "N": "3",
+        "PASS": "pw-secret",
+        "ETCD": "http://admin:etcd-secret@127.0.0.1:2380",
+        "TOKEN": "tok-secret",
+        "BODY": "body-secret",
+    }
+    cfg, _ = load_config_text(text, env=env)
+    # The runtime sees the values.
+    assert cfg.routes[0].match.headers == (
+        ("authorization", "Bearer tok-secret"),
+        ("x-plain", "${TOKEN}"),
+    )
+    assert cfg.services["orders"].discovery == StaticDiscovery(
+        (Address("10.1.2.3", 8080), Address("127.0.0.1", 8081))
+    )
+    data = config_to_dict(cfg)
+    dumped = json.dumps(data)
+    for secret in ("secret", "10.1.2.3"):
+        assert secret not in dumped
+    route = data["routes"][0]
+    assert route["match"]["headers"] == {"authorization": "Bearer ${TOKEN}", "x-plain": "${TOKEN}"}
+    assert route["fallback"]["headers"] == {"x-token": "${TOKEN}", "x-default": "${TOKEN:-none}"}
+    assert route["fallback"]["body"] == "${BODY}"
+    assert data["routes"][1]["fallback"]["headers"] == {"x-default": "${TOKEN:-none}"}
+    orders = data["services"]["orders"]
+    assert orders["discovery"] == {"static": ["${HOST}:8080", "127.0.0.1:8081"]}
+    assert orders["max_requests"] == 3  # not a string: shown as its value
+    assert data["services"]["stock"]["discovery"]["etcd"]["endpoints"] == [
+        "http://u:***@127.0.0.1:2379",  # a password is masked even as a reference
+        "${ETCD}",
+    ]
+    # Equal settings stay equal configs, however they were written.
+    plain, _ = load_config_text(text.replace("${N}", "3"), env=env)
+    assert plain == cfg and plain.substituted != cfg.substituted
+
+
+def test_dump_masks_url_passwords_anywhere() -> None:
+    text = (
+        "services: {o: {discovery: {etcd: {endpoints: ['https://u:secret@127.0.0.1:2379'], prefix: /s/}}}}\n"
+        "routes: [{match: {prefix: /}, service: o, fallback: {body: 'see http://a:hunter2@h/x'}}]\n"
+    )
+    cfg, _ = load_config_text(text, env={})
+    dumped = json.dumps(config_to_dict(cfg))
+    assert "secret" not in dumped and "hunter2" not in dumped
+    assert "u:***@127.0.0.1:2379" in dumped and "http://a:***@h/x" in dumped
+    assert cfg.routes[0].fallback is not None
+    assert cfg.routes[0].fallback.body == b"see http://a:hunter2@h/x"  # the runtime's copy
+
+
+def test_dump_of_new_keys() -> None:
+    data = config_to_dict(load("new_keys.yaml"))
+    assert json.loads(json.dumps(data)) == data
+    assert data["http2"] == {
+        "max_concurrent_streams": 250,
+        "max_header_list_size": 32768,
+        "stream_window": 1048576,
+        "connection_window": 16777216,
+    }
+    assert data["admin_hosts"] == ["sidecar.internal", "admin.example"]
+    greeter = data["services"]["greeter"]
+    assert greeter["circuit_breaker"]["failure_rate"] == {
+        "threshold": 0.25,
+        "window": 30.0,
+        "min_calls": 50,
+    }
+    assert greeter["circuit_breaker"]["probe"] == {"interval": 1.0}
+    assert greeter["outlier_detection"] is None
+    assert data["routes"][0]["retries"]["retry_on_grpc"] == [4, 14]
+    assert "substituted" not in data
+
+
+# -- warnings for the new keys --------------------------------------------------------------
+
+SLOW = "    circuit_breaker: {slow_call: {duration: 1s}}\n"
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        pytest.param(
+            SERVICE
+            + SLOW
+            + "routes:\n  - {name: quick, match: {prefix: /a}, service: orders, timeout: 1s}\n  - {name: fine, match: {prefix: /b}, service: orders, timeout: 2s}\n",
+            [
+                "warning: <config>:4:45: services.orders.circuit_breaker.slow_call.duration: slow_call.duration (1s) is not shorter than the timeout (1s) of route 'quick' (routes[0]): its attempts time out (and count as failures) before they can count as slow"
+            ],
+            id="slow-call-vs-timeout",
+        ),
+        pytest.param(
+            SERVICE
+            + SLOW
+            + "routes:\n  - {name: tries, match: {prefix: /a}, service: orders, timeout: 5s, retries: {per_try_timeout: 800ms}}\n",
+            [
+                "warning: <config>:4:45: services.orders.circuit_breaker.slow_call.duration: slow_call.duration (1s) is not shorter than the per_try_timeout (800ms) of route 'tries' (routes[0]): its attempts time out (and count as failures) before they can count as slow"
+            ],
+            id="slow-call-vs-per-try-timeout",
+        ),
+        pytest.param(
+            "defaults: {circuit_breaker: {slow_call: {duration: 3s}}, timeout: 2s}\n"
+            + SERVICE
+            + "routes: [{match: {prefix: /}, service: orders}]\n",
+            [
+                "warning: <config>:1:52: defaults.circuit_breaker.slow_call.duration: slow_call.duration (3s) is not shorter than the timeout (2s) of route '0' (routes[0]): its attempts time out (and count as failures) before they can count as slow"
+            ],
+            id="slow-call-from-defaults",
+        ),
+        pytest.param(
+            SERVICE
+            + "    circuit_breaker: {failure_rate: {window: 5s, min_calls: 51}}\nroutes: [{match: {prefix: /}, service: orders}]\n",
+            [
+                "warning: <config>:4:61: services.orders.circuit_breaker.failure_rate.min_calls: min_calls (51) is reached only at 10.2 calls per second or more over the 5s window; below that the failure_rate and slow_call rules never act (only failure_threshold opens the breaker): lower min_calls or widen the window"
+            ],
+            id="min-calls-unreachable",
+        ),
+        pytest.param(
+            SERVICE
+            + "    circuit_breaker: {failure_rate: {window: 5s, min_calls: 50}}\nroutes: [{match: {prefix: /}, service: orders}]\n",
+            [],
+            id="min-calls-at-ten-per-second",
+        ),
+        pytest.param(
+            SERVICE
+            + "routes:\n  - match: {prefix: /}\n    service: orders\n    fault: {abort: {percent: 5, grpc_status: 8}}\n",
+            [
+                "warning: <config>:7:12: routes[0].fault: fault injection is on: it aborts 5% with gRPC status 8 (503 to other requests)"
+            ],
+            id="fault-grpc-only",
+        ),
+        pytest.param(
+            SERVICE
+            + "routes:\n  - match: {prefix: /}\n    service: orders\n    fault: {abort: {percent: 5, status: 502, grpc_status: 13}}\n",
+            [
+                "warning: <config>:7:12: routes[0].fault: fault injection is on: it aborts 5% with 502 (gRPC requests: status 13)"
+            ],
+            id="fault-http-and-grpc",
+        ),
+        pytest.param(
+            "admin_hosts: [10.0.0.1, '[::1]', LOCALHOST, admin.internal]\n"
+            + SERVICE
+            + "routes: [{match: {prefix: /}, service: orders}]\n",
+            [
+                "warning: <config>:1:15: admin_hosts[0]: '10.0.0.1' is always accepted (IP addresses and localhost need no entry); admin_hosts is for other DNS names",
+                "warning: <config>:1:25: admin_hosts[1]: '[::1]' is always accepted (IP addresses and localhost need no entry); admin_hosts is for other DNS names",
+                "warning: <config>:1:34: admin_hosts[2]: 'LOCALHOST' is always accepted (IP addresses and localhost need no entry); admin_hosts is for other DNS names",
+            ],
+            id="admin-hosts-ip",
+        ),
+        pytest.param(
+            SERVICE
+            + "routes:\n  - match: {prefix: /}\n    service: orders\n    retries: {retry_on: [unavailable]}\n",
+            [],
+            id="grpc-only-retry-on-is-not-empty",
+        ),
+    ],
+)
+def test_warning_for_new_keys(text: str, expected: list[str]) -> None:
+    assert warnings_of(text) == expected

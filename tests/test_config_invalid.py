@@ -7,11 +7,16 @@ FILE, so a change of wording or position shows up here.
 
 from __future__ import annotations
 
+import os
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
+import yaml
 
 from sidecar.config import ConfigError, load_config, load_config_text
+from sidecar.config.schema import SCHEMA
 from sidecar.config.yamlsafe import MAX_BYTES, MAX_DEPTH, MAX_NODES
 
 INVALID = Path(__file__).parent / "data" / "invalid"
@@ -29,6 +34,10 @@ EXPECTED: dict[str, list[str]] = {
     "bad_duration": [
         ":7:14: routes[0].timeout: expected a duration like '250ms' or '2s', got 'fast'",
     ],
+    "bad_grpc_retry_on": [
+        ":8:27: routes[0].retries.retry_on[0]: unknown retry condition 'unavailble' (did you mean 'unavailable'?)",
+        ":8:39: routes[0].retries.retry_on[1]: unknown retry condition 'resource_exhausted' (did you mean 'resource-exhausted'?)",
+    ],
     "bad_match": [
         ":6:15: routes[0].match.prefix: must not contain '.' or '..' segments, got '/orders/../admin'",
         ":7:17: routes[0].match.methods[0]: 'GET POST' is not a valid HTTP method",
@@ -38,6 +47,10 @@ EXPECTED: dict[str, list[str]] = {
     "bad_port": [
         ":1:9: listen: port must be between 1 and 65535, got 70000",
         ":4:17: services.orders.endpoints[0]: port must be between 1 and 65535, got 0",
+    ],
+    "bad_protocol": [
+        ":2:13: defaults.protocol: must be one of http1, h2c, got 'h2' (did you mean 'h2c'?)",
+        ":6:19: services.orders.idle_timeout: must be > 0, got 0s",
     ],
     "bad_retry_on": [
         ":8:18: routes[0].retries.retry_on[0]: unknown retry condition 'connect_failure' (did you mean 'connect-failure'?)",
@@ -51,8 +64,8 @@ EXPECTED: dict[str, list[str]] = {
     ],
     "defaults_error": [
         ":2:12: defaults.timeout: must be > 0, got 0s",
-        ":3:30: defaults.retries: unknown key 'backof' (did you mean 'backoff'?)",
-        ":4:3: defaults: unknown key 'service' (valid keys: timeout, retries, fallback, fault, load_balancer, connect_timeout, max_requests, health_check, outlier_detection, circuit_breaker)",
+        ":3:30: defaults.retries.backof: unknown key (did you mean 'backoff'?)",
+        ":4:3: defaults.service: unknown key (valid keys: timeout, retries, fallback, fault, load_balancer, connect_timeout, max_requests, health_check, outlier_detection, circuit_breaker, idle_timeout, protocol)",
     ],
     "dns_ports": [
         ":4:12: services.a-records.discovery.dns: missing required key 'port' (A records carry no port)",
@@ -80,8 +93,38 @@ EXPECTED: dict[str, list[str]] = {
         ":9:3: register: missing required key 'service'",
         ":9:22: register.etcd.endpoints: must list at least one etcd URL",
     ],
+    "failure_rate_window": [
+        ":5:31: services.orders.circuit_breaker.failure_rate.window: must be > 0, got 0s",
+        ":5:46: services.orders.circuit_breaker.failure_rate.min_calls: must be >= 1, got 0",
+        ":6:30: services.orders.circuit_breaker.slow_call.duration: must be > 0, got -1s",
+        ":7:26: services.orders.circuit_breaker.probe.interval: must be > 0, got 0ms",
+    ],
     "fallback_body_mapping": [
         ":9:13: routes[0].fallback.body: expected a string, got a mapping (quote a JSON body: body: '{\"items\": []}')",
+    ],
+    "fault_abort_without_status": [
+        ":8:14: routes[0].fault.abort: needs 'status' (the answer to HTTP requests) or 'grpc_status' (to gRPC requests), or both",
+    ],
+    "file_not_regular": [
+        ":4:21: services.orders.discovery.file.path: must be a regular file, got a character device: /dev/zero",
+    ],
+    "grpc_health_check_http1": [
+        ":4:27: services.greeter.health_check.grpc: grpc: true needs protocol: h2c (service 'greeter' uses http1, which cannot carry gRPC)",
+    ],
+    "grpc_status_out_of_range": [
+        ":5:50: services.greeter.circuit_breaker.failure_grpc_status[1]: must be a gRPC status between 0 and 16, got 17",
+        ":5:54: services.greeter.circuit_breaker.failure_grpc_status[2]: expected a gRPC status (0..16), got 'UNAVAILABLE'",
+        ":9:48: routes[0].fault.abort.grpc_status: must be a gRPC status between 0 and 16, got -1",
+    ],
+    "hardening_keys": [
+        ":1:30: listen_path_escaped_slashes: must be one of reject, keep, got 'decode'",
+        ":2:31: admin_hosts[1]: 'bad host' is not a valid DNS name",
+        ":2:43: admin_hosts[2]: must be a host name without port, got 'sidecar.local:15000'",
+        ":2:66: admin_hosts[3]: must not be empty",
+        ":4:27: http2.max_concurrent_streams: must be between 1 and 1000, got 1001",
+        ":5:25: http2.max_header_list_size: must be between 1 and 2147483647, got 0",
+        ":6:18: http2.stream_window: must be between 1 and 2147483647, got 2147483648",
+        ":7:22: http2.connection_window: must be between 65535 and 2147483647, got 1024",
     ],
     "ipv6_without_brackets": [
         ":3:17: services.orders.endpoints[0]: IPv6 addresses need brackets, e.g. '[::1]:8080', got '::1:8080'",
@@ -99,6 +142,9 @@ EXPECTED: dict[str, list[str]] = {
         ":14:24: routes[0].retries.budget.ratio: must be >= 0, got -0.1",
         ":15:23: routes[0].retries.non_idempotent: expected true or false, got 'yes'",
         ":17:25: routes[0].fault.delay.percent: must be between 0 and 100, got 150",
+    ],
+    "max_reset_below_reset": [
+        ":6:43: services.orders.circuit_breaker.max_reset_timeout: max_reset_timeout (10s) must not be shorter than reset_timeout (30s)",
     ],
     "missing_keys": [
         ":5:5: routes[0]: missing required key 'service'",
@@ -123,6 +169,16 @@ EXPECTED: dict[str, list[str]] = {
     "python_tag": [
         ":3:16: services.orders.endpoints: the YAML tag '!!python/object/apply:os.system' is not allowed (only plain mappings, lists, strings, numbers, booleans and null)",
     ],
+    "rate_bare_number": [
+        ":5:34: services.orders.circuit_breaker.failure_rate.threshold: must be a share: '50%' or 0.5, got 50 (did you mean '50%'?)",
+        ":6:26: services.orders.circuit_breaker.slow_call.rate: must be a share: '50%' or 0.5, got 80 (did you mean '80%'?)",
+    ],
+    "rate_out_of_range": [
+        ":5:34: services.orders.circuit_breaker.failure_rate.threshold: must be a share above 0% and at most 100%, got '150%'",
+        ":6:26: services.orders.circuit_breaker.slow_call.rate: must be a share above 0 and at most 1 ('50%' or 0.5), got 0",
+        ":10:34: services.users.circuit_breaker.failure_rate.threshold: expected a share like '50%' or 0.5, got 'half'",
+        ":11:26: services.users.circuit_breaker.slow_call.rate: must be a share above 0% and at most 100%, got '0%'",
+    ],
     "recursive_alias": [
         ":4:11: alias '*s' refers to a collection that contains it (recursive aliases are not allowed)",
     ],
@@ -130,14 +186,19 @@ EXPECTED: dict[str, list[str]] = {
         ":5:29: services.orders.circuit_breaker.failure_status[1]: must be an HTTP status between 100 and 599, got 600",
         ":10:36: routes[0].fault.abort.status: must be an HTTP status between 200 and 599, got 99",
     ],
+    "switch_wrong_type": [
+        ":4:24: services.orders.outlier_detection: expected a mapping, true or false, got 5",
+        ":6:21: services.orders.circuit_breaker.failure_rate: expected a mapping, true or false, got a list",
+        ":7:14: services.orders.circuit_breaker.probe: expected a mapping, true or false, got '500ms'",
+    ],
     "two_discovery_sources": [
         ":5:7: services.orders.discovery: only one discovery source is allowed, got 'static' and 'dns'",
     ],
     "typo_suggestion": [
-        ":9:7: routes[0].retries: unknown key 'per_try_timout' (did you mean 'per_try_timeout'?)",
+        ":9:7: routes[0].retries.per_try_timout: unknown key (did you mean 'per_try_timeout'?)",
     ],
     "unknown_key": [
-        ":7:5: routes[0]: unknown key 'colour' (valid keys: name, match, service, rewrite_prefix, timeout, retries, fallback, fault)",
+        ":7:5: routes[0].colour: unknown key (valid keys: name, match, service, rewrite_prefix, timeout, retries, fallback, fault)",
     ],
     "unknown_service": [
         ":6:14: routes[0].service: unknown service 'ordres' (did you mean 'orders'?)",
@@ -391,7 +452,7 @@ def test_route_value_errors(route: str, message: str) -> None:
             "{prefix: /a, host: 'bad host'}",
             "routes[0].match.host: 'bad host' is not a valid host name",
         ),
-        ("{prefix: /a, hots: x}", "routes[0].match: unknown key 'hots' (did you mean 'host'?)"),
+        ("{prefix: /a, hots: x}", "routes[0].match.hots: unknown key (did you mean 'host'?)"),
         ("/a", "routes[0].match: expected a mapping, got '/a'"),
     ],
 )
@@ -440,7 +501,7 @@ def test_match_errors(match: str, message: str) -> None:
         ),
         (
             "{discovery: {consul: {}, static: ['127.0.0.1:1']}}",
-            "services.s.discovery: unknown key 'consul' (valid keys: static, dns, file, etcd)",
+            "services.s.discovery.consul: unknown key (valid keys: static, dns, file, etcd)",
         ),
         ("{discovery: {file: {path: ''}}}", "services.s.discovery.file.path: must not be empty"),
         (
@@ -606,3 +667,360 @@ def test_undefined_alias() -> None:
     assert [str(p) for p in info.value.problems] == [
         "<config>:1:9: invalid YAML: found undefined alias 'nowhere'"
     ]
+
+
+# -- discovery files that are not regular files -----------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("make", "what"),
+    [
+        (lambda p: p.mkdir(), "a directory"),
+        (os.mkfifo, "a named pipe (FIFO)"),
+    ],
+    ids=["directory", "fifo"],
+)
+def test_discovery_file_must_be_a_regular_file(
+    tmp_path: Path, make: Callable[[Path], None], what: str
+) -> None:
+    target = tmp_path / "endpoints"
+    make(target)
+    config = tmp_path / "c.yaml"
+    config.write_text(
+        "services:\n  orders:\n    discovery: {file: {path: endpoints}}\n"
+        "routes: [{match: {prefix: /}, service: orders}]\n"
+    )
+    assert problems(config) == [
+        f"{config}:3:30: services.orders.discovery.file.path: must be a regular file, got {what}: {target}"
+    ]
+
+
+def test_discovery_file_through_a_symlink_to_a_regular_file_is_fine(tmp_path: Path) -> None:
+    (tmp_path / "real.yaml").write_text("- 127.0.0.1:1\n")
+    (tmp_path / "link.yaml").symlink_to(tmp_path / "real.yaml")
+    text = "services: {o: {discovery: {file: {path: link.yaml}}}}\nroutes: [{match: {prefix: /}, service: o}]\n"
+    config = tmp_path / "c.yaml"
+    config.write_text(text)
+    load_config(config, env={})
+
+
+# -- every key of the schema is read --------------------------------------------------------
+
+
+def _base() -> dict[str, Any]:
+    return {
+        "services": {"s": {"endpoints": ["127.0.0.1:1"]}},
+        "routes": [{"match": {"prefix": "/"}, "service": "s"}],
+    }
+
+
+def _container(doc: dict[str, Any], where: str) -> tuple[dict[str, Any], str]:
+    """The mapping at schema path `where` in a valid document (created), and its real path."""
+    if where == "":
+        return doc, ""
+    if where == "defaults":
+        return doc.setdefault("defaults", {}), "defaults"
+    service = doc["services"]["s"]
+    route = doc["routes"][0]
+    starts: dict[str, tuple[dict[str, Any], str]] = {
+        "services.*": (service, "services.s"),
+        "routes[*]": (route, "routes[0]"),
+        "register": (
+            doc.setdefault(
+                "register",
+                {
+                    "etcd": {"endpoints": ["http://127.0.0.1:2379"], "prefix": "/r/"},
+                    "service": "p",
+                    "address": "127.0.0.1:2",
+                },
+            ),
+            "register",
+        ),
+        "http2": (doc.setdefault("http2", {}), "http2"),
+    }
+    head = next(k for k in starts if where == k or where.startswith(k + "."))
+    node, real = starts[head]
+    rest = where[len(head) :].lstrip(".")
+    seeds: dict[str, dict[str, Any]] = {
+        "dns": {"name": "a.example", "port": 53},
+        "file": {"path": "/dev/null"},
+        "etcd": {"endpoints": ["http://127.0.0.1:2379"], "prefix": "/s/"},
+        "delay": {"percent": 1, "duration": "1s"},
+        "abort": {"percent": 1, "status": 503},
+    }
+    for part in rest.split(".") if rest else []:
+        if part == "discovery":
+            node.pop("endpoints", None)
+        if part == "fault" and not node.get("fault"):
+            node["fault"] = {"delay": {"percent": 0, "duration": "1s"}}
+        child = node.setdefault(part, dict(seeds.get(part, {})))
+        if part in ("dns", "file", "etcd"):
+            for other in [k for k in node if k != part]:
+                node.pop(other)
+        node, real = child, f"{real}.{part}"
+    return node, real
+
+
+CASES = [(where, key) for where, keys in SCHEMA.items() for key in keys]
+
+
+@pytest.mark.parametrize(("where", "key"), CASES, ids=[f"{w}.{k}" for w, k in CASES])
+def test_every_schema_key_is_read_and_checked(where: str, key: str) -> None:
+    """A key the builder forgot would be accepted silently: give each one a value of a
+    type no key takes (a list of lists of lists) and expect an error at that key."""
+    doc = _base()
+    node, real = _container(doc, where)
+    if key in ("prefix", "path"):
+        node.pop("prefix", None)
+    if where.endswith(".discovery"):
+        node.clear()
+    if key == "discovery":
+        node.pop("endpoints")
+    node[key] = [[[]]]
+    with pytest.raises(ConfigError) as info:
+        load_config_text(yaml.safe_dump(doc), env={})
+    target = f"{real}.{key}" if real else key
+    paths = [p.path for p in info.value.errors]
+    assert any(p == target or p.startswith((target + ".", target + "[")) for p in paths), paths
+
+
+# -- value errors of the keys for resilience, gRPC and hardening --------------------------
+
+
+@pytest.mark.parametrize(
+    ("service", "message"),
+    [
+        (
+            "circuit_breaker: {failure_rate: {threshold: 0.5, min_calls: 1.5}}",
+            "services.s.circuit_breaker.failure_rate.min_calls: expected an integer, got 1.5",
+        ),
+        (
+            "circuit_breaker: {failure_rate: {threshold: true}}",
+            "services.s.circuit_breaker.failure_rate.threshold: expected a share like '50%' or 0.5, got true",
+        ),
+        (
+            "circuit_breaker: {failure_rate: {threshold: 100.5}}",
+            "services.s.circuit_breaker.failure_rate.threshold: must be a share above 0 and at most 1 ('50%' or 0.5), got 100.5",
+        ),
+        (
+            "circuit_breaker: {failure_rate: {threshold: -0.5}}",
+            "services.s.circuit_breaker.failure_rate.threshold: must be a share above 0 and at most 1 ('50%' or 0.5), got -0.5",
+        ),
+        (
+            "circuit_breaker: {failure_rate: {window: 25h}}",
+            "services.s.circuit_breaker.failure_rate.window: must be at most 24h, got 25h",
+        ),
+        (
+            "circuit_breaker: {failure_rate: {windw: 1s}}",
+            "services.s.circuit_breaker.failure_rate.windw: unknown key (did you mean 'window'?)",
+        ),
+        (
+            "circuit_breaker: {slow_call: {duration: fast}}",
+            "services.s.circuit_breaker.slow_call.duration: expected a duration like '250ms' or '2s', got 'fast'",
+        ),
+        (
+            "circuit_breaker: {max_reset_timeout: 1s}",
+            "services.s.circuit_breaker.max_reset_timeout: max_reset_timeout (1s) must not be shorter than reset_timeout (5s)",
+        ),
+        (
+            "circuit_breaker: {failure_grpc_status: 14}",
+            "services.s.circuit_breaker.failure_grpc_status: expected a list, got 14",
+        ),
+        (
+            "outlier_detection: {consecutive_failures: 0}",
+            "services.s.outlier_detection.consecutive_failures: must be >= 1, got 0",
+        ),
+        (
+            "health_check: {grpc: yes please}",
+            "services.s.health_check.grpc: expected true or false, got 'yes please'",
+        ),
+        (
+            "protocol: HTTP1",
+            "services.s.protocol: must be one of http1, h2c, got 'HTTP1' (did you mean 'http1'?)",
+        ),
+        (
+            "idle_timeout: [1s]",
+            "services.s.idle_timeout: expected a duration like '250ms' or '2s', got a list",
+        ),
+        # valid: accepted as they are
+        ("circuit_breaker: {failure_rate: {threshold: 100%}, slow_call: {rate: 1}}", None),
+        ("circuit_breaker: {failure_rate: {threshold: ' 12.5 %'}}", None),
+        ("circuit_breaker: {reset_timeout: 90s}", None),  # the cap follows: max(60s, 90s)
+        ("circuit_breaker: {reset_timeout: 2s, max_reset_timeout: 2s}", None),
+        ("protocol: h2c\n    health_check: {grpc: true}", None),
+    ],
+)
+def test_new_service_key_errors(service: str, message: str | None) -> None:
+    text = (
+        "services:\n  s:\n    endpoints: ['127.0.0.1:1']\n    "
+        + service
+        + "\nroutes: [{match: {prefix: /}, service: s}]\n"
+    )
+    if message is None:
+        load_config_text(text, env={})
+        return
+    with pytest.raises(ConfigError) as info:
+        load_config_text(text, env={})
+    assert [p.path + ": " + p.message for p in info.value.errors] == [message]
+
+
+@pytest.mark.parametrize(
+    ("route", "message"),
+    [
+        (
+            "fault: {abort: {percent: 5, status: null}}",
+            "routes[0].fault.abort: needs 'status' (the answer to HTTP requests) or 'grpc_status' (to gRPC requests), or both",
+        ),
+        (
+            "fault: {abort: {status: 503}}",
+            "routes[0].fault.abort: missing required key 'percent'",
+        ),
+        (
+            "fault: {abort: {percent: 5, grpc_status: '14'}}",
+            "routes[0].fault.abort.grpc_status: expected a gRPC status (0..16), got '14'",
+        ),
+        (
+            "retries: {retry_on: [Unavailable]}",
+            "routes[0].retries.retry_on[0]: unknown retry condition 'Unavailable' (did you mean 'unavailable'?)",
+        ),
+        ("fault: {abort: {percent: 5, grpc_status: 8}}", None),
+        ("retries: {retry_on: [unavailable, cancelled, 503]}", None),
+    ],
+)
+def test_new_route_key_errors(route: str, message: str | None) -> None:
+    text = BASE + f"  - {{match: {{prefix: /}}, service: orders, {route}}}\n"
+    if message is None:
+        load_config_text(text, env={})
+        return
+    with pytest.raises(ConfigError) as info:
+        load_config_text(text, env={})
+    assert [p.path + ": " + p.message for p in info.value.errors] == [message]
+
+
+@pytest.mark.parametrize(
+    ("top", "message"),
+    [
+        ("admin_hosts: admin.internal", "admin_hosts: expected a list, got 'admin.internal'"),
+        ("admin_hosts: [[a]]", "admin_hosts[0]: expected a string, got a list"),
+        (
+            "admin_hosts: ['-bad-.example']",
+            "admin_hosts[0]: '-bad-.example' is not a valid DNS name",
+        ),
+        (
+            "http2: {max_concurrent_streams: 0}",
+            "http2.max_concurrent_streams: must be between 1 and 1000, got 0",
+        ),
+        (
+            "http2: {limits: 1}",
+            "http2.limits: unknown key (valid keys: max_concurrent_streams, max_header_list_size, stream_window, connection_window)",
+        ),
+        (
+            "listen_path_escaped_slashes: true",
+            "listen_path_escaped_slashes: expected one of reject, keep, got true",
+        ),
+        ("http2: {connection_window: 65535, stream_window: 2147483647}", None),
+    ],
+)
+def test_new_top_level_key_errors(top: str, message: str | None) -> None:
+    text = top + "\n" + BASE + "  - {match: {prefix: /}, service: orders}\n"
+    if message is None:
+        load_config_text(text, env={})
+        return
+    with pytest.raises(ConfigError) as info:
+        load_config_text(text, env={})
+    assert [p.path + ": " + p.message for p in info.value.errors] == [message]
+
+
+# -- long and hostile keys and values stay on one bounded line ----------------------------
+
+
+def test_a_huge_key_is_named_cut_and_counted() -> None:
+    key = "k" * (1 << 20)
+    # An explicit key (`? key`): YAML allows implicit keys of at most 1024 characters.
+    text = BASE + "  - match: {prefix: /}\n    service: orders\n    ? " + key + "\n    : 1\n"
+    with pytest.raises(ConfigError) as info:
+        load_config_text(text, env={})
+    (line,) = [str(p) for p in info.value.errors]
+    assert line == (
+        f"<config>:5:7: routes[0].{'k' * 80}...(1048576 characters): unknown key "
+        "(valid keys: name, match, service, rewrite_prefix, timeout, retries, fallback, fault)"
+    )
+
+
+def test_a_huge_value_is_quoted_cut_and_counted() -> None:
+    value = "v" * (3 << 20)
+    text = BASE + "  - {match: {prefix: /}, service: orders, timeout: " + value + "}\n"
+    with pytest.raises(ConfigError) as info:
+        load_config_text(text, env={})
+    assert [str(p) for p in info.value.errors] == [
+        f"<config>:3:52: routes[0].timeout: expected a duration like '250ms' or '2s', got '{'v' * 80}...' (3145728 characters)"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("value", "shown"),
+    [
+        ('"a\\nb"', "'a\\nb'"),
+        ('"tab\\there"', "'tab\\there'"),
+        ('"nul\\0x"', "'nul\\x00x'"),
+        ('"esc\\e[31mred"', "'esc\\x1b[31mred'"),
+        ('"line\\Lsep"', "'line\\u2028sep'"),
+        ('"rtl\\u202eoverride"', "'rtl\\u202eoverride'"),
+    ],
+    ids=["newline", "tab", "nul", "escape", "line-separator", "bidi"],
+)
+def test_control_characters_in_values_are_escaped(value: str, shown: str) -> None:
+    text = BASE + f"  - {{match: {{prefix: /}}, service: orders, timeout: {value}}}\n"
+    with pytest.raises(ConfigError) as info:
+        load_config_text(text, env={})
+    (line,) = [str(p) for p in info.value.errors]
+    assert line == (
+        f"<config>:3:52: routes[0].timeout: expected a duration like '250ms' or '2s', got {shown}"
+    )
+
+
+def test_control_characters_in_keys_are_escaped() -> None:
+    text = BASE + '  - {match: {prefix: /}, service: orders, "bad\\nkey": 1}\n'
+    with pytest.raises(ConfigError) as info:
+        load_config_text(text, env={})
+    (problem,) = info.value.errors
+    assert str(problem).startswith("<config>:3:43: routes[0].bad\\nkey: unknown key (")
+
+
+def test_huge_values_in_every_kind_of_message_stay_bounded() -> None:
+    big = "x" * 100_000
+    doc = {
+        "listen": big,
+        "services": {
+            big: {"endpoints": [f"{big}:80", "h:" + "9" * 100_000]},
+            "ok": {"endpoints": ["127.0.0.1:1"], "load_balancer": big, big + "k": 1},
+        },
+        "routes": [
+            {
+                "name": big,
+                "match": {"prefix": f"/{big}?", "methods": [f"{big} x"], "host": f"{big}:1"},
+                "service": big + "y",
+            },
+            {
+                "name": big,
+                "match": {"prefix": "/", "headers": {big + " ": "v"}},
+                "service": "ok",
+                "retries": {"retry_on": [big]},
+            },
+        ],
+        "register": {
+            "etcd": {"endpoints": [f"http://u:{big}@h:99999"], "prefix": "/r/"},
+            "service": big,
+            "address": "1" * 100_000,
+        },
+        "drain_timeout": "${" + "N" * 100_000 + "}",
+    }
+    text = yaml.safe_dump(doc, width=float("inf"))
+    with pytest.raises(ConfigError) as info:
+        load_config_text(text, env={})
+    lines = [str(p) for p in info.value.problems]
+    assert len(lines) >= 12, lines
+    for line in lines:
+        assert "\n" not in line and len(line) < 600, line[:300]
+        assert "x" * 81 not in line and "9" * 81 not in line and "N" * 81 not in line, line
+        assert "characters)" in line or "u:***@h:99999" in line, line

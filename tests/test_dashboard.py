@@ -333,7 +333,7 @@ async def test_services_come_and_go_with_a_reload_and_the_sampler_stops_with_the
         return f"services:\n{services}routes:\n{routes}"
 
     sc = await sidecar(body(["alpha", "beta"]))
-    sampler = sc.sidecar._admin_runner.app[SAMPLER_KEY]
+    sampler = sc.sidecar.admin_app[SAMPLER_KEY]
     view = await dashboard_json(client, sc)
     assert [s["name"] for s in view["services"]] == ["alpha", "beta"]
     head = "\n".join(sc.config_path.read_text().splitlines()[:3])

@@ -76,7 +76,9 @@ async def test_malformed_file_keeps_the_last_set_and_counts_a_failure(tmp_path: 
         write(path, "- 127.0.0.1:9001\n- 127.0.0.1:99999\n")  # valid YAML, bad port
         await eventually(lambda: updates(metrics, "failure") == 2)
         assert cluster.endpoints == before
-        assert "[1]: port must be 1..65535" in cluster.snapshot()["discovery"]["last_error"]
+        assert (
+            "[1]: port must be between 1 and 65535" in cluster.snapshot()["discovery"]["last_error"]
+        )
 
         write(path, "")  # truncated mid-write, most likely
         await eventually(lambda: updates(metrics, "failure") == 3)
@@ -246,9 +248,9 @@ def test_parse_endpoint_list() -> None:
         (b"orders: 1", "expected a list"),
         (b"- 1", 'expected a "host:port" string'),
         (b"- [a, b]", 'expected a "host:port" string'),
-        (b"- nohost", "expected 'host:port'"),
-        (b"- ::1:80", "needs brackets"),
-        (b"- 'a b:80'", "bad host"),
+        (b"- nohost", "expected an address 'host:port'"),
+        (b"- ::1:80", "need brackets"),
+        (b"- 'a b:80'", "is not a valid host name"),
         (b"- a:0", "port must be"),
         (b"- !!python/object:os.system x", "not valid YAML"),
     ]:

@@ -79,17 +79,24 @@ async def test_max_ejection_percent_is_honoured() -> None:
         assert cluster.pick() is not None
 
 
-async def test_ejection_is_refused_at_zero_percent_and_allowed_for_one_of_one() -> None:
+async def test_ejection_is_refused_at_zero_percent_and_for_the_last_available_endpoint() -> None:
     off = service(StaticDiscovery(FOUR[:1]), outlier_detection=outlier(failures=1, percent=0))
     async with started(off) as cluster:
         cluster.report(cluster.endpoints[0], False)
         assert cluster.endpoints[0].state == "healthy"
-    # Any percentage above 0 may eject at least one endpoint, even the only one.
+    # Any percentage above 0 may eject one endpoint, but never the last available one.
     one = service(StaticDiscovery(FOUR[:1]), outlier_detection=outlier(failures=1, percent=10))
     async with started(one) as cluster:
-        cluster.report(cluster.endpoints[0], False)
-        assert cluster.endpoints[0].state == "ejected"
-        assert cluster.pick() is None
+        for _ in range(3):
+            cluster.report(cluster.endpoints[0], False)
+        assert cluster.endpoints[0].state == "healthy"
+        assert cluster.pick() is cluster.endpoints[0]
+    two = service(StaticDiscovery(FOUR[:2]), outlier_detection=outlier(failures=1, percent=100))
+    async with started(two) as cluster:
+        a, b = cluster.endpoints
+        cluster.report(a, False)
+        cluster.report(b, False)
+        assert (a.state, b.state) == ("ejected", "healthy")
 
 
 async def test_failing_endpoint_is_ejected_once_there_is_room() -> None:

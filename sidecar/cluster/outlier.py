@@ -10,8 +10,10 @@ Semantics (close to Envoy's consecutive-5xx detector):
   ejection count resets once the endpoint has stayed in for a full cap since it came back.
 - At most `max_ejection_percent` of the service's endpoints are ejected at once, rounded
   down, but at least one when the percentage is above 0 (so a small service can still shed
-  its one bad endpoint); 0 turns ejection off. A failing endpoint that could not be ejected
-  is ejected on its next failure once there is room.
+  its one bad endpoint); 0 turns ejection off. The last available (healthy, not ejected)
+  endpoint is never ejected: outlier detection is on by default, and ejecting a service's
+  only endpoint would turn a flaky upstream into no upstream. A failing endpoint that
+  could not be ejected is ejected on its next failure once there is room.
 - A timer task (owned by the cluster's TaskOwner) brings the endpoint back when its time
   is up, with a fresh run of failures; metrics update at both ends.
 - Failures reported while an endpoint is ejected (attempts that were already in flight)
@@ -87,6 +89,13 @@ class OutlierDetector:
                 ejected,
                 len(endpoints),
                 self.config.max_ejection_percent,
+            )
+            return
+        if not any(e.available for e in endpoints if e is not endpoint):
+            log.debug(
+                "service %s: %s not ejected: it is the last available endpoint",
+                self.service,
+                endpoint.key,
             )
             return
         self._eject(endpoint)

@@ -9,11 +9,16 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+from sidecar.config.addresses import is_loopback
 from sidecar.config.build import Built
 from sidecar.config.durations import format_duration as fmt
 from sidecar.config.model import MatchConfig, RetryConfig, RouteConfig, ServiceConfig
-from sidecar.config.reader import Reader, is_loopback
-from sidecar.config.yamlsafe import YMap
+from sidecar.config.reader import Reader
+from sidecar.config.show import quote
+from sidecar.config.yamlsafe import YMap, join
+
+# Below this many calls per second over the window, `min_calls` is never reached.
+MIN_CALLS_PER_SECOND = 10
 
 
 def check(built: Built, r: Reader) -> None:
@@ -32,6 +37,7 @@ def check(built: Built, r: Reader) -> None:
         )
     for name, service in cfg.services.items():
         _check_service(r, name, service)
+        _check_slow_call(r, built, name, service)
     if not r.failed:  # with errors, routes and services may be missing from the model
         _check_usage(r, built)
     for k, route in enumerate(cfg.routes):
@@ -45,7 +51,7 @@ def check(built: Built, r: Reader) -> None:
                     f"{eff}.match",
                     route.name,
                     f"this route can never match: routes[{built.route_index[j]}] "
-                    f"('{cfg.routes[j].name}') comes first and matches every request it would",
+                    f"({quote(cfg.routes[j].name)}) comes first and matches every request it would",
                 )
                 break
 
@@ -61,8 +67,8 @@ def _check_usage(r: Reader, built: Built) -> None:
         if name not in used and isinstance(services, YMap) and name in services.entries:
             r.report(
                 services.entries[name].key_pos,
-                f"services.{name}",
-                f"service '{name}' is not used by any route",
+                join("services", name),
+                f"service {quote(name)} is not used by any route",
                 warning=True,
             )
 
@@ -75,17 +81,26 @@ def _route_warn(
     node = r.spot(key_eff)
     inherited = node.path != eff and not node.path.startswith((eff + ".", eff + "["))
     if inherited and per_route:
-        message += f" (in route '{name}')"
+        message += f" (in route {quote(name)})"
     r.warn(node, message)
 
 
 def _check_service(r: Reader, name: str, service: ServiceConfig) -> None:
-    eff = f"services.{name}"
+    eff = join("services", name)
     breaker = service.circuit_breaker
     if breaker.failure_threshold == 1:
         r.warn(
             r.spot(f"{eff}.circuit_breaker.failure_threshold"),
             "a failure_threshold of 1 opens the breaker on every single failed attempt",
+        )
+    rate = breaker.failure_rate
+    if rate is not None and rate.min_calls > MIN_CALLS_PER_SECOND * rate.window:
+        r.warn(
+            r.spot(f"{eff}.circuit_breaker.failure_rate.min_calls"),
+            f"min_calls ({rate.min_calls}) is reached only at {rate.min_calls / rate.window:g} "
+            f"calls per second or more over the {fmt(rate.window)} window; below that the "
+            "failure_rate and slow_call rules never act (only failure_threshold opens the "
+            "breaker): lower min_calls or widen the window",
         )
     hc = service.health_check
     if hc is not None and hc.timeout >= hc.interval:
@@ -94,6 +109,30 @@ def _check_service(r: Reader, name: str, service: ServiceConfig) -> None:
             f"health check timeout ({fmt(hc.timeout)}) is not shorter than its interval "
             f"({fmt(hc.interval)}); slow checks will overlap",
         )
+
+
+def _check_slow_call(r: Reader, built: Built, name: str, service: ServiceConfig) -> None:
+    """A call cut off by its timeout is a failure, never a slow call: `slow_call.duration`
+    must be shorter than every attempt's limit on the routes to this service."""
+    slow = service.circuit_breaker.slow_call
+    if slow is None:
+        return
+    spot = f"{join('services', name)}.circuit_breaker.slow_call.duration"
+    for k, route in enumerate(built.config.routes):
+        if route.service != name:
+            continue
+        per_try = route.retries.per_try_timeout
+        if per_try is not None and per_try < route.timeout:
+            limit, key = per_try, "per_try_timeout"
+        else:
+            limit, key = route.timeout, "timeout"
+        if slow.duration >= limit:
+            r.warn(
+                r.spot(spot),
+                f"slow_call.duration ({fmt(slow.duration)}) is not shorter than the {key} "
+                f"({fmt(limit)}) of route {quote(route.name)} (routes[{built.route_index[k]}]): "
+                "its attempts time out (and count as failures) before they can count as slow",
+            )
 
 
 def worst_backoff(retries: RetryConfig) -> float:
@@ -134,7 +173,7 @@ def _check_route(r: Reader, eff: str, route: RouteConfig, service: ServiceConfig
                 f"can take {fmt(worst)}, more than the route timeout ({fmt(route.timeout)}); "
                 "later attempts will be cut short",
             )
-    if n > 0 and not retries.retry_on:
+    if n > 0 and not retries.retry_on and not retries.retry_on_grpc:
         _route_warn(
             r,
             eff,
@@ -167,8 +206,17 @@ def _check_route(r: Reader, eff: str, route: RouteConfig, service: ServiceConfig
             parts.append(
                 f"delays {fault.delay.percent:g}% of requests by {fmt(fault.delay.duration)}"
             )
-        if fault.abort is not None and fault.abort.percent > 0:
-            parts.append(f"aborts {fault.abort.percent:g}% with {fault.abort.status}")
+        abort = fault.abort
+        if abort is not None and abort.percent > 0:
+            grpc = f"{eff}.fault.abort.grpc_status" in r.where
+            http = f"{eff}.fault.abort.status" in r.where
+            if grpc and http:
+                answer = f"{abort.status} (gRPC requests: status {abort.grpc_status})"
+            elif grpc:
+                answer = f"gRPC status {abort.grpc_status} ({abort.status} to other requests)"
+            else:
+                answer = f"{abort.status}"
+            parts.append(f"aborts {abort.percent:g}% with {answer}")
         if parts:
             _route_warn(
                 r,
@@ -188,7 +236,7 @@ def _check_route(r: Reader, eff: str, route: RouteConfig, service: ServiceConfig
                 f"{eff}.retries.retry_on",
                 route.name,
                 f"retry_on includes {format_statuses(missing)}, which the circuit breaker of "
-                f"service '{service.name}' does not count as failures (failure_status); "
+                f"service {quote(service.name)} does not count as failures (failure_status); "
                 "repeated failures of that kind never open it",
             )
 

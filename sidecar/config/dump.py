@@ -2,8 +2,14 @@
 
 The shape follows the YAML (so an operator can compare the two), with every default filled
 in: durations are numbers of seconds, addresses `host:port` strings, sets sorted lists,
-header pairs mappings, the fallback body text, discovery `{kind: settings}`. Passwords in
-etcd URLs are masked.
+header pairs mappings, the fallback body text, discovery `{kind: settings}`, and
+`max_reset_timeout` the open period's actual cap.
+
+Secrets stay out: a string setting written with `${VAR}` is shown as written
+(`${TOKEN}`, `Bearer ${TOKEN}`, `${TOKEN:-default}`), never its value, by looking its key
+path up in `SidecarConfig.substituted`; and every URL's password is masked
+(`sidecar.redact.mask_url`). Sets of vocabulary words (methods, retry conditions,
+statuses) are shown by value.
 """
 
 from __future__ import annotations
@@ -12,69 +18,85 @@ import dataclasses
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 from sidecar.config.model import (
     Address,
-    DnsDiscovery,
-    EtcdDiscovery,
-    FileDiscovery,
+    CircuitBreakerConfig,
+    DiscoveryConfig,
     SidecarConfig,
     StaticDiscovery,
 )
+from sidecar.config.yamlsafe import join
+from sidecar.redact import mask_url
 
-_DISCOVERY_KIND = {
-    StaticDiscovery: "static",
-    DnsDiscovery: "dns",
-    FileDiscovery: "file",
-    EtcdDiscovery: "etcd",
-}
+_HIDDEN = frozenset({"source", "substituted"})  # SidecarConfig's own bookkeeping
 
 
 def config_to_dict(cfg: SidecarConfig) -> dict[str, Any]:
-    out = _value(cfg)
+    out = _Dumper(cfg.substituted).value(cfg, "")
     assert isinstance(out, dict)
+    for key in _HIDDEN:
+        out.pop(key, None)
     out["source"] = None if cfg.source is None else str(cfg.source)
     return out
 
 
-def mask_url(url: str) -> str:
-    """`http://user:secret@host:2379` -> `http://user:***@host:2379`."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    host = parts.netloc.rpartition("@")[2]
-    return urlunsplit(parts._replace(netloc=f"{parts.username}:***@{host}"))
+class _Dumper:
+    def __init__(self, substituted: Mapping[str, str]) -> None:
+        self.substituted = substituted
 
+    def text(self, value: str, *paths: str) -> str:
+        """A string setting: as written if it came from `${VAR}`; its password masked."""
+        for path in paths:
+            written = self.substituted.get(path)
+            if written is not None:
+                return mask_url(written)
+        return mask_url(value)
 
-def _value(value: object) -> Any:
-    if value is None or isinstance(value, bool | int | float | str):
-        return value
-    if isinstance(value, Address | Path):
-        return str(value)
-    if isinstance(value, bytes):
-        return value.decode("utf-8", errors="replace")
-    if isinstance(value, StaticDiscovery):
-        return {"static": [str(a) for a in value.endpoints]}
-    if isinstance(value, EtcdDiscovery):
-        return {"endpoints": [mask_url(u) for u in value.endpoints], "prefix": value.prefix}
-    if isinstance(value, frozenset):
-        # Retry conditions first (by name), then statuses in order.
-        return sorted(
-            value, key=lambda v: (isinstance(v, int), v if isinstance(v, int) else 0, str(v))
-        )
-    if isinstance(value, Mapping):
-        return {str(k): _value(v) for k, v in value.items()}
-    if isinstance(value, tuple):
-        if all(isinstance(p, tuple) and len(p) == 2 for p in value) and value:
-            return {str(k): _value(v) for k, v in value}  # header pairs
-        return [_value(v) for v in value]
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        out = {f.name: _value(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    def value(self, value: object, path: str) -> Any:
+        if value is None or isinstance(value, bool | int | float):
+            return value
+        if isinstance(value, str | Address | Path):
+            return self.text(str(value), path)
+        if isinstance(value, bytes):
+            return self.text(value.decode("utf-8", errors="replace"), path)
+        if isinstance(value, frozenset):
+            # Retry conditions first (by name), then statuses in order.
+            return sorted(
+                value, key=lambda v: (isinstance(v, int), v if isinstance(v, int) else 0, str(v))
+            )
+        if isinstance(value, Mapping):
+            return {str(k): self.value(v, join(path, str(k))) for k, v in value.items()}
+        if isinstance(value, tuple):
+            if value and all(isinstance(p, tuple) and len(p) == 2 for p in value):
+                return {str(k): self.value(v, join(path, str(k))) for k, v in value}  # headers
+            return [self.value(v, f"{path}[{i}]") for i, v in enumerate(value)]
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            return self.block(value, path)
+        raise TypeError(f"cannot dump {type(value).__name__}")
+
+    def block(self, value: Any, path: str) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(value):
+            if f.name == "discovery":
+                out["discovery"] = self.discovery(value.discovery, path)
+            else:
+                out[f.name] = self.value(getattr(value, f.name), join(path, f.name))
         if isinstance(out.get("headers"), list):  # no header pairs: still a mapping
             out["headers"] = {}
-        discovery = getattr(value, "discovery", None)
-        if discovery is not None and not isinstance(discovery, StaticDiscovery):
-            out["discovery"] = {_DISCOVERY_KIND[type(discovery)]: out["discovery"]}
+        if isinstance(value, CircuitBreakerConfig):
+            out["max_reset_timeout"] = value.open_period_cap
         return out
-    raise TypeError(f"cannot dump {type(value).__name__}")
+
+    def discovery(self, source: DiscoveryConfig, service: str) -> dict[str, Any]:
+        path = f"{service}.discovery.{source.kind}"
+        if isinstance(source, StaticDiscovery):
+            # Written as `endpoints: [...]` or `discovery: {static: [...]}`.
+            shorthand = f"{service}.endpoints"
+            return {
+                source.kind: [
+                    self.text(str(a), f"{path}[{i}]", f"{shorthand}[{i}]")
+                    for i, a in enumerate(source.endpoints)
+                ]
+            }
+        return {source.kind: self.block(source, path)}

@@ -12,11 +12,18 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 
+from sidecar.config.show import quote
+
 _REF = re.compile(r"\$\$\{|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}|\$\{")
 
 
 class EnvError(ValueError):
     pass
+
+
+def has_reference(text: str) -> bool:
+    """Whether `text` refers to a variable (`${NAME}`, `${NAME:-x}`); `$${` alone does not."""
+    return "${" in text and any(m.group(1) for m in _REF.finditer(text))
 
 
 def substitute(text: str, env: Mapping[str, str]) -> str:
@@ -34,19 +41,22 @@ def substitute(text: str, env: Mapping[str, str]) -> str:
             rest = text[match.start() :]
             shown = rest if len(rest) <= 40 else rest[:40] + "..."
             raise EnvError(
-                f"malformed variable reference '{shown}' "
+                f"malformed variable reference {quote(shown)} "
                 "(write ${NAME} or ${NAME:-default}; $${ for a literal ${)"
             )
         if default is not None and "${" in default:
-            raise EnvError(f"nested variable references are not supported in '{token}'")
+            raise EnvError(f"nested variable references are not supported in {quote(token)}")
         value = env.get(name)
         if default is not None:
             out.append(value if value else default)
         elif value is None:
-            raise EnvError(
-                f"environment variable '{name}' is not set "
-                f"(write ${{{name}:-default}} to give a default)"
+            shown = quote(name)
+            hint = (
+                f"write ${{{name}:-default}} to give a default"
+                if shown == f"'{name}'"
+                else "write ${NAME:-default} to give a default"
             )
+            raise EnvError(f"environment variable {shown} is not set ({hint})")
         else:
             out.append(value)
     out.append(text[last:])

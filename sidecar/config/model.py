@@ -1,8 +1,15 @@
 """The typed, frozen configuration: what the rest of the sidecar reads.
 
 Nothing here parses YAML or reports errors; `sidecar.config.loader` builds these objects
-from a file after validating it. Every duration is a float number of seconds. Defaults
-live here, once, and the README's config reference mirrors them.
+from a file after validating it. Every duration is a float number of seconds.
+
+This module is the one source of the schema: each dataclass field is the YAML key of the
+same name, and its default is the built-in default (the builder only passes the keys a
+file wrote). Field metadata marks the exceptions, read by `sidecar.config.schema`:
+`NOT_A_KEY` (filled by the builder, never written), `OWN` (a route or service key that
+`defaults:` cannot set), `SWITCH` (a block that `true` turns on with its defaults and
+`false` or null turns off) and `keys` (the YAML keys that fill a field, when not its name).
+docs/configuration.md and config/reference.yaml mirror these defaults.
 """
 
 from __future__ import annotations
@@ -10,7 +17,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from types import MappingProxyType
+from typing import ClassVar, Literal
+
+from sidecar.config.show import bounded
 
 LoadBalancerKind = Literal["round_robin", "least_request", "random"]
 DnsRecord = Literal["A", "AAAA", "SRV"]
@@ -30,6 +40,12 @@ RETRY_GRPC_CONDITIONS: Mapping[str, int] = {
     "unavailable": 14,
 }
 RETRY_CONDITIONS = (RETRY_CONNECT_FAILURE, RETRY_RESET, RETRY_PER_TRY_TIMEOUT)
+GRPC_STATUS_MAX = 16  # gRPC status codes are 0 (OK) .. 16 (UNAUTHENTICATED)
+
+# Field metadata (see the module docstring).
+NOT_A_KEY: Mapping[str, object] = MappingProxyType({"keys": ()})
+OWN: Mapping[str, object] = MappingProxyType({"own": True})
+SWITCH: Mapping[str, object] = MappingProxyType({"switch": True})
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,7 +67,7 @@ class BackoffConfig:
 
 @dataclass(frozen=True, slots=True)
 class BudgetConfig:
-    ratio: float = 0.2  # contract §2 now says 0.25: changed with the budget throttle
+    ratio: float = 0.25
     min_per_second: float = 10.0
 
 
@@ -64,7 +80,7 @@ class RetryConfig:
         {RETRY_CONNECT_FAILURE, RETRY_RESET, RETRY_PER_TRY_TIMEOUT, 502, 503, 504}
     )
     # gRPC statuses (values of RETRY_GRPC_CONDITIONS) listed in retry_on.
-    retry_on_grpc: frozenset[int] = frozenset()
+    retry_on_grpc: frozenset[int] = field(default=frozenset(), metadata=NOT_A_KEY)
     backoff: BackoffConfig = BackoffConfig()
     budget: BudgetConfig = BudgetConfig()
     non_idempotent: bool = False
@@ -108,10 +124,10 @@ class MatchConfig:
 
 @dataclass(frozen=True, slots=True)
 class RouteConfig:
-    name: str  # defaults to the route's index as a string
-    match: MatchConfig
-    service: str
-    rewrite_prefix: str | None = None
+    name: str = field(metadata=OWN)  # defaults to the route's index as a string
+    match: MatchConfig = field(metadata=OWN)
+    service: str = field(metadata=OWN)
+    rewrite_prefix: str | None = field(default=None, metadata=OWN)
     timeout: float = 15.0
     retries: RetryConfig = RetryConfig()
     fallback: FallbackConfig | None = None
@@ -120,11 +136,13 @@ class RouteConfig:
 
 @dataclass(frozen=True, slots=True)
 class StaticDiscovery:
-    endpoints: tuple[Address, ...]
+    kind: ClassVar[str] = "static"  # its key under `discovery:`
+    endpoints: tuple[Address, ...] = field(metadata=NOT_A_KEY)  # written as the list itself
 
 
 @dataclass(frozen=True, slots=True)
 class DnsDiscovery:
+    kind: ClassVar[str] = "dns"  # its key under `discovery:`
     name: str
     port: int | None = None  # required for A/AAAA; SRV records carry their own
     record: DnsRecord = "A"
@@ -134,11 +152,13 @@ class DnsDiscovery:
 
 @dataclass(frozen=True, slots=True)
 class FileDiscovery:
+    kind: ClassVar[str] = "file"  # its key under `discovery:`
     path: Path  # absolute: resolved against the config file's folder
 
 
 @dataclass(frozen=True, slots=True)
 class EtcdDiscovery:
+    kind: ClassVar[str] = "etcd"  # its key under `discovery:`
     endpoints: tuple[str, ...]  # base URLs such as http://127.0.0.1:2379
     prefix: str
 
@@ -185,9 +205,11 @@ class ProbeConfig:
 @dataclass(frozen=True, slots=True)
 class CircuitBreakerConfig:
     failure_threshold: int = 5
-    failure_rate: FailureRateConfig | None = FailureRateConfig()  # None: the rule is off
-    slow_call: SlowCallConfig | None = None  # off unless configured
-    reset_timeout: float = 30.0  # the first open period (contract §2: 5s, with the new model)
+    failure_rate: FailureRateConfig | None = field(  # None: the rule is off
+        default=FailureRateConfig(), metadata=SWITCH
+    )
+    slow_call: SlowCallConfig | None = field(default=None, metadata=SWITCH)  # off unless set
+    reset_timeout: float = 5.0  # the first open period
     # Each failed half-open trial doubles the open period up to this; None: the larger of
     # 60 s and reset_timeout (see `open_period_cap`).
     max_reset_timeout: float | None = None
@@ -195,7 +217,7 @@ class CircuitBreakerConfig:
     half_open_max_requests: int = 1
     failure_status: frozenset[int] = frozenset({500, 502, 503, 504})
     failure_grpc_status: frozenset[int] = frozenset({2, 4, 13, 14})
-    probe: ProbeConfig | None = ProbeConfig()  # None: no recovery probes
+    probe: ProbeConfig | None = field(default=ProbeConfig(), metadata=SWITCH)  # None: no probes
 
     @property
     def open_period_cap(self) -> float:
@@ -206,14 +228,18 @@ class CircuitBreakerConfig:
 
 @dataclass(frozen=True, slots=True)
 class ServiceConfig:
-    name: str
-    discovery: DiscoveryConfig
+    name: str = field(metadata=NOT_A_KEY)  # its key under `services:`
+    # `endpoints: [...]` is shorthand for `discovery: {static: [...]}`.
+    discovery: DiscoveryConfig = field(
+        metadata=MappingProxyType({"keys": ("endpoints", "discovery"), "own": True})
+    )
     load_balancer: LoadBalancerKind = "round_robin"
     connect_timeout: float = 1.0
     max_requests: int = 1024
     health_check: HealthCheckConfig | None = None
-    # Contract §7: on by default; switched with the builder and its tests.
-    outlier_detection: OutlierDetectionConfig | None = None
+    outlier_detection: OutlierDetectionConfig | None = field(
+        default=OutlierDetectionConfig(), metadata=SWITCH
+    )
     circuit_breaker: CircuitBreakerConfig = CircuitBreakerConfig()
     # Pooled connections idle longer are closed; an upstream's Keep-Alive: timeout=N lowers
     # it, retiring a connection at least max(10 %, 250 ms) before N.
@@ -257,7 +283,13 @@ class SidecarConfig:
     services: Mapping[str, ServiceConfig] = field(default_factory=dict)
     routes: tuple[RouteConfig, ...] = ()
     register: RegisterConfig | None = None
-    source: Path | None = None  # the file this was loaded from, for reloads
+    source: Path | None = field(default=None, metadata=NOT_A_KEY)  # the file, for reloads
+    # Effective key path (`routes[0].match.headers.x-token`) -> the text as written, for the
+    # string values that came from `${VAR}` substitution: /admin/config shows the reference,
+    # never the value. Not part of the settings (equal configs stay equal).
+    substituted: Mapping[str, str] = field(
+        default_factory=dict, compare=False, repr=False, metadata=NOT_A_KEY
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -272,6 +304,8 @@ class Problem:
     warning: bool = False
 
     def __str__(self) -> str:
+        # One line, bounded: values are quoted short where messages are made; this is the
+        # backstop for anything else (a YAML parser message, a long path).
         where = ""
         if self.file is not None:
             where = self.file
@@ -281,8 +315,8 @@ class Problem:
                     where += f":{self.column}"
             where += ": "
         prefix = "warning: " if self.warning else ""
-        key = f"{self.path}: " if self.path else ""
-        return f"{prefix}{where}{key}{self.message}"
+        key = f"{bounded(self.path)}: " if self.path else ""
+        return f"{prefix}{bounded(where)}{key}{bounded(self.message)}"
 
 
 class ConfigError(Exception):

@@ -14,14 +14,17 @@ on the built model can point back into the file.
 from __future__ import annotations
 
 import difflib
-import ipaddress
 import math
 import re
 from collections.abc import Callable, Collection, Mapping
-from typing import TypeVar
+from typing import Any, TypeVar
 
+from sidecar.config.addresses import AddressError, parse_address
 from sidecar.config.durations import MAX_SECONDS, format_duration, parse_duration
-from sidecar.config.model import Address, Problem
+from sidecar.config.envsubst import has_reference
+from sidecar.config.model import GRPC_STATUS_MAX, Address, Problem
+from sidecar.config.schema import keys
+from sidecar.config.show import clip, quote
 from sidecar.config.yamlsafe import (
     Pos,
     ScalarError,
@@ -38,9 +41,9 @@ T = TypeVar("T")
 
 # RFC 9110 token: methods and header names.
 TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
-_LABEL = r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?"
-HOSTNAME = re.compile(rf"(?=.{{1,253}}$){_LABEL}(?:\.{_LABEL})*\.?")
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+MAX_SUGGESTED = 200
+_PERCENT = re.compile(r"([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*%")
 
 
 class _Bad:
@@ -50,9 +53,27 @@ class _Bad:
 BAD = _Bad()
 
 
+class _Off:
+    """A reader's answer for a block switched off (`false`): the field is None."""
+
+
+OFF = _Off()
+
+Read = Callable[[YNode], object]  # a value; None after reporting a problem; or OFF
+
+
 def suggest(word: str, choices: Collection[str]) -> str | None:
-    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
-    return close[0] if close else None
+    """The choice closest to `word`, if one is close; case does not count (`HTTP1`)."""
+    if len(word) > MAX_SUGGESTED:  # nobody mistypes this much; and difflib is quadratic
+        return None
+    by_lower = {c.lower(): c for c in choices}
+    close = difflib.get_close_matches(word.lower(), list(by_lower), n=1, cutoff=0.6)
+    return by_lower[close[0]] if close else None
+
+
+def _num(x: float) -> str:
+    """A bound as written: 2147483647, not 2.14748e+09; 0.5 as 0.5."""
+    return str(int(x)) if float(x).is_integer() else f"{x:g}"
 
 
 def parent_path(path: str) -> str:
@@ -61,74 +82,15 @@ def parent_path(path: str) -> str:
     return path.rpartition(".")[0]
 
 
-def is_ip(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return True
-
-
-def is_loopback(host: str) -> bool:
-    if host.lower() in ("localhost", "localhost."):
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-def valid_hostname(host: str) -> bool:
-    if HOSTNAME.fullmatch(host) is None:
-        return False
-    labels = host.rstrip(".").split(".")
-    if all(label.isdigit() for label in labels):  # looks like IPv4: must be one
-        return is_ip(host)
-    return True
-
-
-def parse_address(text: str, default_port: int | None = None) -> Address | str:
-    """An `Address`, or a message saying what is wrong with `host:port` text."""
-    if not text or text != text.strip():
-        return f"expected an address 'host:port', got '{text}'"
-    if text.startswith("["):
-        end = text.find("]")
-        host, rest = (text[1:end], text[end + 1 :]) if end > 0 else (text[1:], "")
-        try:
-            ipaddress.IPv6Address(host)
-        except ValueError:
-            return f"'{text}' is not a valid '[IPv6]:port' address"
-        if rest == "" and default_port is not None:
-            return Address(host, default_port)
-        if not rest.startswith(":"):
-            return f"expected an address '[IPv6]:port', got '{text}' (missing port)"
-        port_text = rest[1:]
-    else:
-        if text.count(":") > 1:
-            return f"IPv6 addresses need brackets, e.g. '[::1]:8080', got '{text}'"
-        host, colon, port_text = text.partition(":")
-        if not colon:
-            if default_port is None:
-                return f"expected an address 'host:port', got '{text}' (missing port)"
-            port_text = str(default_port)
-        if not host:
-            return f"expected an address 'host:port', got '{text}' (missing host)"
-        if not valid_hostname(host):
-            return f"'{host}' is not a valid host name or IP address"
-    if not port_text.isascii() or not port_text.isdigit():
-        return f"port must be a number between 1 and 65535, got '{port_text}'"
-    port = int(port_text)
-    if not 1 <= port <= 65535:
-        return f"port must be between 1 and 65535, got {port}"
-    return Address(host.lower(), port)
-
-
 class Reader:
     def __init__(self, file: str, env: Mapping[str, str]) -> None:
         self.file = file
         self.env = env
         self.problems: list[Problem] = []
         self.where: dict[str, YNode] = {}
+        # Effective path -> text as written, for values with a ${VAR} reference
+        # (`SidecarConfig.substituted`).
+        self.substituted: dict[str, str] = {}
         self._values: dict[int, object] = {}  # id(scalar) -> value: report each problem once
 
     # -- reporting ---------------------------------------------------------------------
@@ -146,6 +108,11 @@ class Reader:
     def failed(self) -> bool:
         return any(not p.warning for p in self.problems)
 
+    @property
+    def errors(self) -> int:
+        """How many errors were reported so far (to tell whether a block read cleanly)."""
+        return sum(not p.warning for p in self.problems)
+
     def spot(self, eff: str) -> YNode:
         """The node behind an effective path, or its nearest recorded ancestor."""
         while eff not in self.where and eff:
@@ -157,8 +124,20 @@ class Reader:
     def child(self, m: YMap, key: str, eff: str) -> YNode | None:
         node = m.get(key)
         if node is not None:
-            self.where[join(eff, key)] = node
+            path = join(eff, key)
+            self.where[path] = node
+            self.note(path, node)
         return node
+
+    def note(self, eff: str, node: YNode) -> None:
+        """Remember where a scalar (or a list's scalar item) was written with `${VAR}`."""
+        if isinstance(node, YScalar):
+            if has_reference(node.text):
+                self.substituted[eff] = node.text
+        elif isinstance(node, YSeq):
+            for i, item in enumerate(node.items):
+                if isinstance(item, YScalar) and has_reference(item.text):
+                    self.substituted[f"{eff}[{i}]"] = item.text
 
     def value(self, node: YNode) -> object:
         """A scalar's typed value (BAD after reporting); collections come back as they are."""
@@ -185,14 +164,20 @@ class Reader:
         if value is None:
             return "null"
         text = self.text(node)
-        return f"'{text}'" if isinstance(value, str) else text
+        return quote(text) if isinstance(value, str) else clip(text)
 
     def text(self, node: YNode) -> str:
+        """A scalar's text after substitution (as written if that fails); whole: use
+        `show` or `quote` to put it in a message."""
         assert isinstance(node, YScalar)
         try:
             return scalar_text(node, self.env)
         except ScalarError:
             return node.text
+
+    def show(self, node: YNode) -> str:
+        """A scalar's text for a message, unquoted (numbers): escaped and bounded."""
+        return clip(self.text(node))
 
     def expected(self, node: YNode, what: str, value: object, hint: str = "") -> None:
         self.error(node, f"expected {what}, got {self.describe(node, value)}{hint}")
@@ -209,7 +194,7 @@ class Reader:
                     continue
                 close = suggest(key, allowed)
                 hint = f"did you mean '{close}'?" if close else "valid keys: " + ", ".join(allowed)
-                self.report(entry.key_pos, entry.owner, f"unknown key '{key}' ({hint})")
+                self.report(entry.key_pos, join(entry.owner, key), f"unknown key ({hint})")
         return node
 
     def seq(self, node: YNode) -> list[YNode] | None:
@@ -230,6 +215,58 @@ class Reader:
         value = read(node)
         return default if value is None else value
 
+    def block(
+        self,
+        m: YMap,
+        eff: str,
+        cls: type,
+        readers: Mapping[str, Read],
+        *,
+        handled: Collection[str] = (),
+        switches: Collection[str] = (),
+    ) -> dict[str, Any]:
+        """Keyword arguments for `cls` from the keys `m` wrote, each read with its reader.
+
+        A key left out, null or in error is not passed, so the dataclass default applies:
+        defaults live in the model only. The keys of `readers` are the field names.
+        `switches` are the switchable blocks, for which a null means off (their readers use
+        `switch`). `handled` keys are read by the caller; between them and `readers` every
+        key of `cls` must be covered, so a field added to the model cannot go unread.
+        """
+        if set(readers) | set(handled) != set(keys(cls)):
+            raise TypeError(f"{cls.__name__}: keys {keys(cls)} but readers for {list(readers)}")
+        kwargs: dict[str, Any] = {}
+        for key, read in readers.items():
+            node = self.child(m, key, eff)
+            if node is None:
+                continue
+            if self.is_null(node):
+                if key in switches:
+                    kwargs[key] = None
+                continue
+            value = read(node)
+            if value is OFF:
+                kwargs[key] = None
+            elif value is not None:
+                kwargs[key] = value
+        return kwargs
+
+    def switch(
+        self, node: YNode, on: Callable[[], T], read: Callable[[YNode], T | None]
+    ) -> T | _Off | None:
+        """A block that `true` turns on with its defaults and `false` (or null) turns off."""
+        value = self.value(node)
+        if value is BAD:
+            return None
+        if value is True:
+            return on()
+        if value is False or value is None:
+            return OFF
+        if isinstance(node, YMap):
+            return read(node)
+        self.expected(node, "a mapping, true or false", value)
+        return None
+
     def required(self, m: YMap, key: str, eff: str, read: Callable[[YNode], T | None]) -> T | None:
         node = self.child(m, key, eff)
         if node is None:
@@ -240,15 +277,15 @@ class Reader:
     # -- scalars -----------------------------------------------------------------------
 
     def _range(self, node: YNode, value: float, lo: float | None, hi: float | None) -> bool:
-        shown = self.text(node)
+        shown = self.show(node)
         if lo is not None and hi is not None and not lo <= value <= hi:
-            self.error(node, f"must be between {lo:g} and {hi:g}, got {shown}")
+            self.error(node, f"must be between {_num(lo)} and {_num(hi)}, got {shown}")
             return False
         if lo is not None and value < lo:
-            self.error(node, f"must be >= {lo:g}, got {shown}")
+            self.error(node, f"must be >= {_num(lo)}, got {shown}")
             return False
         if hi is not None and value > hi:
-            self.error(node, f"must be <= {hi:g}, got {shown}")
+            self.error(node, f"must be <= {_num(hi)}, got {shown}")
             return False
         return True
 
@@ -307,7 +344,7 @@ class Reader:
         if value is not None and NAME.fullmatch(value) is None:
             self.error(
                 node,
-                f"'{value}' is not a valid name (use letters, digits, '.', '_' and '-', "
+                f"{quote(value)} is not a valid name (use letters, digits, '.', '_' and '-', "
                 "starting with a letter or digit)",
             )
             return None
@@ -316,7 +353,7 @@ class Reader:
     def slash_path(self, node: YNode) -> str | None:
         value = self.string(node)
         if value is not None and not value.startswith("/"):
-            self.error(node, f"must start with '/', got '{value}'")
+            self.error(node, f"must start with '/', got {quote(value)}")
             return None
         return value
 
@@ -326,10 +363,10 @@ class Reader:
         if value is None:
             return None
         if "?" in value or "#" in value:
-            self.error(node, f"must be a path without query or fragment, got '{value}'")
+            self.error(node, f"must be a path without query or fragment, got {quote(value)}")
             return None
         if any(seg in (".", "..") for seg in value.split("/")):
-            self.error(node, f"must not contain '.' or '..' segments, got '{value}'")
+            self.error(node, f"must not contain '.' or '..' segments, got {quote(value)}")
             return None
         return value
 
@@ -342,14 +379,49 @@ class Reader:
             self.expected(node, "a duration like '250ms' or '2s'", value)
             return None
         if seconds <= 0:
-            self.error(node, f"must be > 0, got {self.text(node)}")
+            self.error(node, f"must be > 0, got {self.show(node)}")
             return None
         if seconds > MAX_SECONDS:
             self.error(
-                node, f"must be at most {format_duration(MAX_SECONDS)}, got {self.text(node)}"
+                node, f"must be at most {format_duration(MAX_SECONDS)}, got {self.show(node)}"
             )
             return None
         return seconds
+
+    def share(self, node: YNode) -> float | None:
+        """A share of calls: `N%` (0 < N <= 100) or a number 0 < x <= 1, as 0..1."""
+        value = self.value(node)
+        if value is BAD:
+            return None
+        if isinstance(value, str):
+            match = _PERCENT.fullmatch(value.strip())
+            if match is None:
+                self.expected(node, "a share like '50%' or 0.5", value)
+                return None
+            percent = float(match.group(1))
+            if not 0 < percent <= 100:
+                self.error(node, f"must be a share above 0% and at most 100%, got {quote(value)}")
+                return None
+            return percent / 100
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int | float)
+            or not math.isfinite(value)
+        ):
+            self.expected(node, "a share like '50%' or 0.5", value)
+            return None
+        if 1 < value <= 100:
+            shown = self.show(node)
+            self.error(
+                node, f"must be a share: '50%' or 0.5, got {shown} (did you mean '{shown}%'?)"
+            )
+            return None
+        if not 0 < value <= 1:
+            self.error(
+                node, f"must be a share above 0 and at most 1 ('50%' or 0.5), got {self.show(node)}"
+            )
+            return None
+        return float(value)
 
     def address(self, node: YNode, default_port: int | None = None) -> Address | None:
         value = self.value(node)
@@ -358,11 +430,11 @@ class Reader:
         if not isinstance(value, str):
             self.expected(node, "an address 'host:port'", value)
             return None
-        parsed = parse_address(value, default_port)
-        if isinstance(parsed, str):
-            self.error(node, parsed)
+        try:
+            return parse_address(value, default_port)
+        except AddressError as err:
+            self.error(node, str(err))
             return None
-        return parsed
 
     def status(self, node: YNode, lo: int = 100) -> int | None:
         value = self.value(node)
@@ -372,7 +444,22 @@ class Reader:
             self.expected(node, "an HTTP status", value)
             return None
         if not lo <= value <= 599:
-            self.error(node, f"must be an HTTP status between {lo} and 599, got {value}")
+            self.error(node, f"must be an HTTP status between {lo} and 599, got {self.show(node)}")
+            return None
+        return value
+
+    def grpc_status(self, node: YNode) -> int | None:
+        value = self.value(node)
+        if value is BAD:
+            return None
+        if isinstance(value, bool) or not isinstance(value, int):
+            self.expected(node, f"a gRPC status (0..{GRPC_STATUS_MAX})", value)
+            return None
+        if not 0 <= value <= GRPC_STATUS_MAX:
+            self.error(
+                node,
+                f"must be a gRPC status between 0 and {GRPC_STATUS_MAX}, got {self.show(node)}",
+            )
             return None
         return value
 
@@ -388,7 +475,7 @@ class Reader:
             return key
         close = suggest(key, choices)
         hint = f" (did you mean '{close}'?)" if close else ""
-        self.error(node, f"must be one of {', '.join(choices)}, got '{value}'{hint}")
+        self.error(node, f"must be one of {', '.join(choices)}, got {quote(value)}{hint}")
         return None
 
     def items(self, node: YNode, read: Callable[[YNode], T | None]) -> list[T] | None:

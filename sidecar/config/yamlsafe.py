@@ -31,6 +31,7 @@ from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 from yaml.resolver import Resolver
 
 from sidecar.config.envsubst import EnvError, substitute
+from sidecar.config.show import path_key, quote
 
 MAX_BYTES = 4 * 1024 * 1024
 MAX_DEPTH = 64
@@ -260,6 +261,8 @@ def tag_name(tag: str) -> str:
 
 
 def join(path: str, key: str) -> str:
+    """`path.key`; a key from the file is shown escaped and cut (`show.path_key`)."""
+    key = path_key(key)
     return f"{path}.{key}" if path else key
 
 
@@ -272,7 +275,7 @@ def to_tree(node: Node) -> tuple[YNode, list[TreeProblem]]:
 def _bad_tag(node: Node, path: str, problems: list[TreeProblem]) -> None:
     problems.append(
         TreeProblem(
-            f"the YAML tag '{tag_name(node.tag)}' is not allowed (only plain mappings, lists, "
+            f"the YAML tag {quote(tag_name(node.tag))} is not allowed (only plain mappings, lists, "
             "strings, numbers, booleans and null)",
             _pos(node.start_mark) or Pos(1, 1),
             path,
@@ -315,7 +318,7 @@ def _convert(node: Node, path: str, problems: list[TreeProblem]) -> YNode:
         if first is not None:
             problems.append(
                 TreeProblem(
-                    f"duplicate key '{key}' (first written at line {first.key_pos.line})",
+                    f"duplicate key {quote(key)} (first written at line {first.key_pos.line})",
                     key_pos,
                     path,
                     fatal=False,
@@ -385,4 +388,4 @@ def scalar_value(scalar: YScalar, env: Mapping[str, str]) -> object:
             return _constructor.construct_yaml_int(node)
         return _constructor.construct_yaml_float(node)
     except (ValueError, KeyError, ConstructorError):
-        raise ScalarError(f"'{text}' is not a valid {tag_name(tag)}") from None
+        raise ScalarError(f"{quote(text)} is not a valid {tag_name(tag)}") from None

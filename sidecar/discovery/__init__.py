@@ -17,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, Protocol
 
+from sidecar.config import addresses as config_addresses
 from sidecar.config.model import (
     Address,
     DiscoveryConfig,
@@ -54,24 +55,10 @@ class DiscoverySource(Protocol):
 
 
 def parse_address(text: str) -> Address:
-    """Parse `host:port` or `[v6]:port`; ValueError says what is wrong."""
-    text = text.strip()
-    if text.startswith("["):
-        end = text.find("]")
-        if end < 0 or text[end + 1 : end + 2] != ":":
-            raise ValueError(f"expected '[ipv6]:port', got {text!r}")
-        host, port_text = text[1:end], text[end + 2 :]
-    else:
-        host, sep, port_text = text.rpartition(":")
-        if not sep:
-            raise ValueError(f"expected 'host:port', got {text!r}")
-        if ":" in host:
-            raise ValueError(f"an IPv6 address needs brackets, as in '[::1]:8080'; got {text!r}")
-    if not host or any(c.isspace() or c in "/?#@" for c in host):
-        raise ValueError(f"bad host in {text!r}")
-    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
-        raise ValueError(f"port must be 1..65535, got {text!r}")
-    return Address(host, int(port_text))
+    """Parse `host:port` or `[v6]:port` exactly as the config does (one normalisation, so
+    an address from a file or etcd equals the same address written in YAML); ValueError
+    says what is wrong."""
+    return config_addresses.parse_address(text)
 
 
 def make_source(config: DiscoveryConfig) -> DiscoverySource:

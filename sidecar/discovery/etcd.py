@@ -25,6 +25,7 @@ import aiohttp
 from sidecar.config.model import Address, EtcdDiscovery
 from sidecar.discovery import DiscoverySink, parse_address
 from sidecar.discovery.etcdclient import EtcdClient, EtcdError
+from sidecar.redact import mask_url
 from sidecar.resilience.backoff import Backoff
 
 log = logging.getLogger("sidecar.discovery")
@@ -67,7 +68,7 @@ class EtcdSource:
     def describe(self) -> dict[str, Any]:
         return {
             "prefix": self.config.prefix,
-            "endpoint": self.endpoint,
+            "endpoint": None if self.endpoint is None else mask_url(self.endpoint),
             "connected": self.connected,
             "watching": self.watching,
             "revision": self.revision,
@@ -87,7 +88,7 @@ class EtcdSource:
                         # A working connection just broke: the first retry comes quickly.
                         backoff.reset()
                     self.connected = self.watching = False
-                    sink.discovery_failed(f"etcd: {exc}")
+                    sink.discovery_failed(mask_url(f"etcd: {exc}"))
                     await asyncio.sleep(backoff.next())
 
     async def _sync(self, client: EtcdClient, sink: DiscoverySink) -> None:

@@ -8,6 +8,9 @@ Errors, one class for callers to handle:
     EtcdError            etcd could not be reached, or answered with an error
       EtcdUnavailable    no endpoint answered (connect error, reset, timeout)
 
+An error's text names the endpoint URL with its password masked (`sidecar.redact`), so it
+can go to /admin/state and the log as it is.
+
 With several endpoints the client sticks to the one that last worked and moves to the next
 when it fails, so a reconnect goes to another member.
 """
@@ -24,12 +27,18 @@ from typing import Any
 
 import aiohttp
 
+from sidecar.redact import mask_url
+
 # A watch response larger than this without a complete JSON message is not etcd talking.
 MAX_MESSAGE_BYTES = 64 << 20
 
 
 class EtcdError(Exception):
     """etcd could not be reached, or answered with an error."""
+
+    def __init__(self, message: str) -> None:
+        # Every message names a URL, and an endpoint URL may carry a password.
+        super().__init__(mask_url(message))
 
 
 class EtcdUnavailable(EtcdError):
