@@ -283,3 +283,25 @@ async def test_escaped_slashes_are_refused_by_default(path, upstream, sidecar, c
         assert resp.headers["x-sidecar-error"] == "bad_request"
         assert "encoded slash" in (await resp.json())["detail"]
     assert up.hits == 0
+
+
+async def test_escaped_slashes_kept_are_forwarded_as_written_and_never_separate(
+    upstream, sidecar, client
+):
+    api, admin = await upstream(), await upstream()
+    sc = await sidecar(
+        f"""
+    listen_path_escaped_slashes: keep
+    services:
+      api: {{ endpoints: ["{api.address}"] }}
+      admin: {{ endpoints: ["{admin.address}"] }}
+    routes:
+      - {{ name: admin, match: {{ prefix: /api/admin }}, service: admin }}
+      - {{ name: api, match: {{ prefix: /api }}, service: api }}
+    """
+    )
+    async with client.get(f"{sc.url}/api/admin%2Fx", allow_redirects=False) as resp:
+        assert resp.status == 200
+    # One segment 'admin%2Fx', not '/api/admin' + '/x': the api route, not the admin one.
+    assert admin.hits == 0
+    assert [r.path_qs for r in api.seen] == ["/api/admin%2Fx"]
