@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Installs the Debian packages a step needs, only when missing. Runs as root (or via sudo).
 #   test:  etcd, dnsmasq, prometheus/promtool  (real registries and a real Prometheus in tests)
-#   bench: wrk, haproxy, nginx                 (load generator and the comparison proxies)
+#   bench: wrk, haproxy, nginx, taskset, h2load (load generators and the comparison proxies;
+#          h2load, from nghttp2-client, drives the gRPC row)
 set -euo pipefail
 case "${1:-test}" in
   test)  want=(etcd-server:etcd dnsmasq-base:dnsmasq prometheus:promtool wrk:wrk haproxy:haproxy) ;;
-  bench) want=(wrk:wrk haproxy:haproxy nginx-light:nginx util-linux:taskset) ;;
+  bench) want=(wrk:wrk haproxy:haproxy nginx-light:nginx util-linux:taskset nghttp2-client:h2load) ;;
   *) echo "usage: $0 test|bench" >&2; exit 2 ;;
 esac
 missing=()
