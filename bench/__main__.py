@@ -192,6 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     if base is not None:
         result["ab"] = {"base": base.info, **ab.verdict(bench.runs)}
     result["targets"] = report.evaluate_targets(summary, derived, resilience, grpc)
+    result["targets"] += report.ab_targets(result.get("ab"))
     args.results_dir.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     json_path = args.results_dir / f"bench-{stamp}-{mode}.json"

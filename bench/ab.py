@@ -185,6 +185,13 @@ def _per_round(runs: list[dict[str, Any]], phase: str, value: Any) -> dict[int, 
     return by_round
 
 
+def _half_range(values: list[float]) -> float | None:
+    med = statistics.median(values)
+    if med <= 0:
+        return None
+    return round((max(values) - min(values)) / (2 * med), 4)
+
+
 def _compare(
     by_round: dict[int, dict[str, float]],
     after: str,
@@ -220,13 +227,16 @@ def _compare(
         out.update(median_ratio=None, spread=None, no_worse=None)
         return out
     med = statistics.median(ratios)
-    base_med = statistics.median(before_vals)
-    # The run's own spread: half the base's range across rounds, relative to its median.
-    # The base is the same code every round, so its range is what the machine alone does.
-    spread = (max(before_vals) - min(before_vals)) / (2 * base_med) if base_med > 0 else None
+    # The run's own spread: half a config's range across rounds, relative to its median,
+    # the larger of the two. Each runs the same code every round, so its range is what the
+    # machine did to it; a difference smaller than that is one this run cannot resolve.
+    spreads = [_half_range(before_vals), _half_range(after_vals)]
+    spread = None if None in spreads else max(x for x in spreads if x is not None)
     out["median_ratio"] = round(med, 4)
     out["ratio_min"] = round(min(ratios), 4)
     out["ratio_max"] = round(max(ratios), 4)
+    out["spread_before"] = spreads[0]
+    out["spread_after"] = spreads[1]
     out["spread"] = None if spread is None else round(spread, 4)
     if len(ratios) < 2 or spread is None:
         out["no_worse"] = None  # one round has no spread to judge against

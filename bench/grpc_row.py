@@ -216,7 +216,8 @@ class GrpcRow:
                 try:
                     target = make()
                 except RuntimeError as exc:  # the process did not start: say why
-                    out["status"][name] = f"{_failed(name)}: {_first_line(exc)}"
+                    why = _first_line(exc).replace(f"{self.b.tmp}/", "")
+                    out["status"][name] = f"{_failed(name)}: {why}"
                     log(f"  grpc: {name} {out['status'][name]}")
                     continue
                 if target is not direct:

@@ -353,6 +353,30 @@ def evaluate_targets(
     return t
 
 
+def ab_targets(ab: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """--base: the A/B verdicts as targets (n/a with a single round: no spread to judge)."""
+    if not ab:
+        return []
+    t = []
+    for key, label in (
+        ("c50_rps", "A/B small body c50 req/s, after ÷ before"),
+        ("c1_added_p50", "A/B c1 added p50, after ÷ before"),
+    ):
+        v = ab.get(key, {})
+        spread = v.get("spread")
+        pct = _fmt(None if spread is None else 100 * spread, ".1f")
+        t.append(
+            _target(
+                label,
+                f"{_fmt(v.get('median_ratio'), '.3f')}x (per round "
+                f"{_fmt(v.get('ratio_min'), '.3f')}-{_fmt(v.get('ratio_max'), '.3f')})",
+                f"no worse beyond the run's spread (±{pct} %)",
+                v.get("no_worse"),
+            )
+        )
+    return t
+
+
 def _grpc_targets(derived: dict[str, Any], grpc: dict[str, Any]) -> list[dict[str, Any]]:
     name = "gRPC unary: calls/s per core vs HAProxy"
     status = grpc.get("status", {})
@@ -543,6 +567,10 @@ def _outage_targets(o: dict[str, Any] | None) -> list[dict[str, Any]]:
         )
     )
     return t
+
+
+def _pct(fraction: float | None) -> str:
+    return _fmt(None if fraction is None else 100 * fraction, ".1f")
 
 
 def _pct_of(summary: dict[str, Any]) -> float | None:
@@ -835,7 +863,7 @@ def _ab_section(add: Any, ab: dict[str, Any]) -> None:
     add("")
     add(
         "| metric | before, per round | after, per round | after ÷ before, per round "
-        "| median ratio [min-max] | spread (base) | no worse beyond the spread |"
+        "| median ratio [min-max] | spread (before / after) | no worse beyond the spread |"
     )
     add("|---|---|---|---|---|---|---|")
     for key, name, spec in (
@@ -857,15 +885,16 @@ def _ab_section(add: Any, ab: dict[str, Any]) -> None:
             f"| {', '.join(f'{x:.3f}' for x in v.get('ratios', []))} "
             f"| {_fmt(v.get('median_ratio'), '.3f')} [{_fmt(v.get('ratio_min'), '.3f')}-"
             f"{_fmt(v.get('ratio_max'), '.3f')}] "
-            f"| ±{_fmt(None if v.get('spread') is None else 100 * v['spread'], '.1f')} % "
+            f"| ±{_pct(v.get('spread_before'))} / ±{_pct(v.get('spread_after'))} % "
             f"| {verdict} |"
         )
     add("")
     add(
         "Per round, the two sidecars run back to back, so a ratio compares them on the same "
-        "machine state. The spread is half the base's own range across rounds relative to "
-        "its median (the same code every round: what the machine alone does). No worse: the "
-        "median ratio is at least 1 - spread (req/s) or at most 1 + spread (added latency)."
+        "machine state. A config's spread is half its range across rounds relative to its "
+        "median (the same code every round: what the machine did to it); the run's spread is "
+        "the larger of the two. No worse: the median ratio is at least 1 - spread (req/s) or "
+        "at most 1 + spread (added latency)."
     )
     add("")
 

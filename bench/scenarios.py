@@ -109,6 +109,9 @@ class Resilience:
     # ------------------------------------------------------------------ helpers
 
     def _upstream(self, name: str, listens: list[str]) -> Proc:
+        """The raw upstream on `listens` (bench/upstream.py specs). Counters are read with
+        `admin.upstream_stats` on a plain port of its own (the scenarios add one), so the
+        harness's own connections stay off the proxies' ports."""
         proc = self.b.start_python_upstream(listens, name)
         for spec in listens:
             port = int(spec.split(":")[0])
@@ -214,8 +217,9 @@ class Resilience:
         request N's attempt k gets the same answer on both ports), default retries."""
         s = self.s
         duration, rate, seed = s.errors503_duration, s.scenario_rate, i + 1
-        ports = free_ports(2)
-        up = self._upstream("upstream-flaky", [f"{p}:flaky:{FLAKY_SHARE}:{seed}" for p in ports])
+        *ports, control = free_ports(3)
+        flaky = [f"{p}:flaky:{FLAKY_SHARE}:{seed}" for p in ports]
+        up = self._upstream("upstream-flaky", [*flaky, str(control)])
         roles = {
             "sidecar": self._sidecar(
                 "sidecar-errors503", [_ep(ports[0])], max_retries=DEFAULT_MAX_RETRIES
@@ -234,7 +238,7 @@ class Resilience:
             if all(fails(seed, n, k, FLAKY_SHARE) for k in range(1, attempts + 1))
         )
         results = driver.run(self._together(list(roles.values()), rate, duration))
-        stats = admin.upstream_stats(ports[0])
+        stats = admin.upstream_stats(control)
         rec: dict[str, Any] = {
             "notes": (
                 f"{FLAKY_SHARE:.0%} of attempts get a 503 (seeded per request and attempt "
@@ -419,10 +423,12 @@ class Resilience:
         summary["first_failure_s"] = None if first_fail is None else round(first_fail - down, 3)
         # Answers from 1 s after the first failure until the upstream is back: with the
         # breaker open, these are the sidecar's fail-fast answers.
-        if first_fail is not None:
-            window = [x for x in samples if first_fail + DURING_FROM_S <= x.t < back]
-            self._keep("outage:answers", role, window)
-            summary["answers_during"] = summarize(window)
+        # A proxy that never failed (its retries outlasted the outage) is timed from the
+        # kill instead.
+        since = (down if first_fail is None else first_fail) + DURING_FROM_S
+        window = [x for x in samples if since <= x.t < back]
+        self._keep("outage:answers", role, window)
+        summary["answers_during"] = summarize(window)
         after_rec = [x for x in samples if x.t >= back + AFTER_RECOVERY_FROM_S]
         self._keep("outage:after_recovery", role, after_rec)
         summary["after_recovery"] = summarize(after_rec)
@@ -474,9 +480,10 @@ class Resilience:
         for both proxies, each gap starting when the previous answer came), GET and POST
         alternating, both proxies at once, each on its own port of the upstream."""
         s = self.s
-        ports = free_ports(2)
+        *ports, control = free_ports(3)
         up = self._upstream(
-            "upstream-keepalive", [f"{p}:keepalive:{KEEPALIVE_TIMEOUT:g}" for p in ports]
+            "upstream-keepalive",
+            [*(f"{p}:keepalive:{KEEPALIVE_TIMEOUT:g}" for p in ports), str(control)],
         )
         roles = {
             "sidecar": self._sidecar("sidecar-keepalive", [_ep(ports[0])]),
@@ -496,8 +503,9 @@ class Resilience:
                 )
             )
 
+        before = admin.upstream_stats(control)  # the readiness check's connections
         driven = driver.run(both())
-        stats = admin.upstream_stats(ports[0])
+        stats = admin.upstream_stats(control)
         rec: dict[str, Any] = {
             "notes": (
                 f"upstream says Keep-Alive: timeout={KEEPALIVE_TIMEOUT:g} and closes idle "
@@ -514,7 +522,11 @@ class Resilience:
             summary["errors_by_method"] = {
                 m: sum(1 for x in samples if x.method == m and not x.ok) for m in ("GET", "POST")
             }
-            summary["upstream"] = stats.get(str(port), {})
+            now, then = stats.get(str(port), {}), before.get(str(port), {})
+            summary["upstream"] = {
+                k: int(now.get(k, 0)) - int(then.get(k, 0))
+                for k in ("requests", "connections", "idle_closes")
+            }
             rec["roles"][role] = summary
         self._stop(*(t.proc for t in roles.values()), up)
         return rec
@@ -709,8 +721,8 @@ class Resilience:
         its own port: attempts counted at the upstream per request the app made."""
         s = self.s
         rate, duration = s.scenario_rate, s.amplification_duration
-        ports = free_ports(2)
-        up = self._upstream("upstream-all503", [f"{p}:flaky:1.0" for p in ports])
+        *ports, control = free_ports(3)
+        up = self._upstream("upstream-all503", [*(f"{p}:flaky:1.0" for p in ports), str(control)])
         roles = {
             "sidecar": self._sidecar("sidecar-amplification", [_ep(ports[0])]),
             "haproxy": self._haproxy("haproxy-amplification", [_ep(ports[1])]),
@@ -720,7 +732,7 @@ class Resilience:
         budget = admin.route_retries(aport).get("budget") or {}
         floor_rate = float(budget.get("min_per_second", 10.0))
         results = driver.run(self._together(list(roles.values()), rate, duration))
-        stats = admin.upstream_stats(ports[0])
+        stats = admin.upstream_stats(control)
         rec: dict[str, Any] = {
             "notes": "every attempt answered 503, connections accepted",
             "rate": rate,
