@@ -117,6 +117,15 @@ def idle_check() -> dict[str, float]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return run(argv)
+    except KeyboardInterrupt as exc:
+        # Everything was stopped and removed on the way out (the `finally` in run).
+        log(f"interrupted ({exc or 'Ctrl-C'}): processes stopped, temporary files removed")
+        return 130
+
+
+def run(argv: list[str] | None) -> int:
     args = parse_args(argv)
     mode = "smoke" if args.smoke else "quick" if args.quick else "full"
     settings = Settings.preset(mode)

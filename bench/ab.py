@@ -4,10 +4,10 @@ The revision is checked out with `git worktree add --detach` into a temporary fo
 at the end, also on Ctrl-C or SIGTERM: `BaseTree.remove` runs from the caller's `finally`)
 and runs from a virtualenv of its own, since its dependencies may differ from the working
 tree's. The venvs are cached under ~/.cache/sidecar-bench/venv-<key>, the key a hash of the
-revision's pyproject.toml and the Python version: they hold the dependencies only (never the
-sidecar package itself), and the base sidecar runs as `python -m sidecar` with the worktree
-as its working directory and PYTHONPATH, so two revisions with the same pyproject.toml share
-a venv and each still runs its own code.
+revision's pyproject.toml dependencies and the Python version. They hold the dependencies
+only (never the sidecar package itself): the base sidecar runs as `python -m sidecar` with
+the worktree as its working directory and PYTHONPATH, so two revisions with the same
+dependencies share a venv and each still runs its own code.
 
 The verdict (`verdict`): for each metric, the median over rounds of the per-round ratio
 after/before (the working tree over the base, the two measured back to back in the same
@@ -60,8 +60,11 @@ def head_description(repo: Path) -> dict[str, Any]:
 
 
 def venv_key(pyproject: bytes) -> str:
+    """The cache key: the pyproject.toml's runtime dependencies (all the venv holds) and
+    the Python version; a change to anything else in the file reuses the venv."""
     version = f"py{sys.version_info.major}.{sys.version_info.minor}"
-    return f"{hashlib.sha256(pyproject).hexdigest()[:16]}-{version}"
+    deps = "\n".join(sorted(dependencies(pyproject))).encode()
+    return f"{hashlib.sha256(deps).hexdigest()[:16]}-{version}"
 
 
 def dependencies(pyproject: bytes) -> list[str]:
