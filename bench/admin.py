@@ -58,8 +58,8 @@ def route_retries(port: int, index: int = 0) -> dict[str, Any]:
 
 
 def scrape(port: int) -> dict[str, Any]:
-    """The sidecar's counters that the scenarios report, summed over labels (CONTRACT §5
-    and §7; a metric this revision does not have stays absent from `trips`/`probes`)."""
+    """The sidecar's counters that the scenarios report, summed over labels (a metric this
+    revision does not have yet leaves `trips` / `probes` empty)."""
     try:
         text = _get(port, "/metrics").decode()
     except OSError as exc:

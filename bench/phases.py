@@ -1,6 +1,6 @@
 """The run: settings, the processes under test, and the throughput phases.
 
-Layout (as in perf/BASELINES.md): wrk, the upstream, the load driver and this process on
+Layout: wrk, the upstream, the load driver and this process on
 CPU 0; the proxy under test on CPU 1. Every phase runs its configs interleaved,
 each round starting one config later (A B C, B C A, C A B, ...), and the report takes
 medians with min-max.
@@ -71,7 +71,7 @@ class Settings:
     c1_duration: int = 3
     c1_rounds: int = 5
     body_duration: int = 3
-    body_rounds: int = 5  # large loopback transfers are bimodal (BASELINES.md)
+    body_rounds: int = 5  # large loopback transfers are bimodal
     scaling_duration: int = 3
     scaling_rounds: int = 5  # judged on per-round ratios: more, shorter rounds
     bigbody_duration: int = 3

@@ -1,9 +1,8 @@
 """Upstreams: the nginx origin config, and a small raw-asyncio HTTP/1.1 server.
 
 nginx (Debian's, one process, `master_process off`) is the origin for the throughput
-phases, configured like perf/conf/upstream-nginx.conf. The raw server below is the origin
-for the resilience scenarios and the fallback origin for everything when nginx is not
-installed. Each listening port has a mode:
+phases. The raw server below is the origin for the resilience scenarios, and the fallback
+origin for everything when nginx is not installed. Each listening port has a mode:
 
     PORT                      200 "hello\n" (and /static/ files with --www)
     PORT:flaky:SHARE[:SEED]   503 for SHARE of the attempts (1.0: every one), decided from
