@@ -119,6 +119,7 @@ class Settings:
                 scenario_duration=3.0,
                 errors503_duration=6.0,
                 outage_after_min=4.0,
+                outage_after_max=12.0,
                 keepalive_duration=8.0,
                 amplification_duration=5.0,
             )
