@@ -17,13 +17,15 @@ import re
 import struct
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from bench.configs import haproxy_h2c_config, sidecar_grpc_config
 from bench.grpc_upstream import PATH
-from bench.phases import CLK_TCK, REPO, Bench, Target
+from bench.phases import REPO, Bench, Target
 from bench.runner import (
+    CLK_TCK,
     core_busy_pct,
     core_times,
     cpu_ticks,
@@ -207,7 +209,7 @@ class GrpcRow:
             wait_ready(server, port)
             direct = Target("direct", port, server, self.b.load_cpu)
             targets: list[Target] = []
-            makers = (
+            makers: tuple[tuple[str, Callable[[], Target]], ...] = (
                 ("direct", lambda: direct),
                 ("haproxy", lambda: self._haproxy(port)),
                 ("sidecar", lambda: self._sidecar(port)),
@@ -216,8 +218,8 @@ class GrpcRow:
                 try:
                     target = make()
                 except RuntimeError as exc:  # the process did not start: say why
-                    why = _first_line(exc).replace(f"{self.b.tmp}/", "")
-                    out["status"][name] = f"{_failed(name)}: {why}"
+                    reason = _first_line(exc).replace(f"{self.b.tmp}/", "")
+                    out["status"][name] = f"{_failed(name)}: {reason}"
                     log(f"  grpc: {name} {out['status'][name]}")
                     continue
                 if target is not direct:

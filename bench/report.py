@@ -986,10 +986,18 @@ def _resilience_sections(add: Any, res: dict[str, Any]) -> None:
             )
     add("")
     for name, r in res.items():
-        how = "to both proxies at once" if r.get("together") else "one proxy after the other"
+        together = r.get("together")
+        how = (
+            "the sidecar alone"
+            if together is None
+            else "to both proxies at once"
+            if together
+            else "one proxy after the other"
+        )
         rate = r.get("rate")
-        load = f"{rate:g} req/s {how}" if rate else how
-        add(f"- **{name}**: {r.get('notes', '')}; {load}, {r.get('duration_s', '-')} s per run.")
+        load = f"{rate:g} req/s, {how}" if rate else how
+        took = f", {r['duration_s']} s per run" if r.get("duration_s") else ""
+        add(f"- **{name}**: {r.get('notes', '')}; {load}{took}.")
     if any("sidecar+outlier" in r for r in res.values()):
         add(
             "- **sidecar+outlier** (first run only, not part of the targets): the same sidecar "

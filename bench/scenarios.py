@@ -575,7 +575,7 @@ class Resilience:
             ),
             "rate": round(1 / s.lowtraffic_gap, 2),
             "duration_s": round(s.lowtraffic_gap * (count - 1), 1),
-            "together": False,
+            "together": None,  # the sidecar alone
             "failure_threshold": threshold,
             "opened_at_failure": opened_at,
             "first_circuit_open_request": first_rejected,
@@ -615,7 +615,7 @@ class Resilience:
                 "and the upstream starts while the app is idle"
             ),
             "rate": 0.0,
-            "together": False,
+            "together": None,  # the sidecar alone
             "breaker_reset_timeout_s": reset,
             "probe_interval_s": interval,
             "roles": {},
