@@ -699,7 +699,7 @@ def markdown(result: dict[str, Any]) -> str:
                 f"| {_x(_ratio(_med(summary, 'small', cfg, 'rps'), h_rps))} "
                 f"| {_cell(e, 'cpu_us_per_req', '.1f')} "
                 f"| {_x(_ratio(_med(summary, 'small', cfg, 'cpu_us_per_req'), h_cpu))} "
-                f"| {_cell(e1, 'p50', '.3f')} | {_cell(e1, 'p99', '.3f')} | {added} "
+                f"| {_cell(e1, 'p50', '.3f', True)} | {_cell(e1, 'p99', '.3f')} | {added} "
                 f"| {_fmt(rss, '.1f')} "
                 f"| {_x(_ratio(rss, h_rss)) if cfg not in ('direct', 'direct-xcpu') else '-'} |"
             )
