@@ -17,6 +17,7 @@ round, so they share the machine's speed), with the run's own spread.
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import shutil
 import statistics
@@ -230,11 +231,12 @@ def _compare(
         out.update(median_ratio=None, spread=None, no_worse=None)
         return out
     med = statistics.median(ratios)
-    # The run's own spread: half a config's range across rounds, relative to its median,
-    # the larger of the two. Each runs the same code every round, so its range is what the
-    # machine did to it; a difference smaller than that is one this run cannot resolve.
+    # The run's own spread: half a config's range across rounds, relative to its median
+    # (each runs the same code every round, so its range is what the machine did to it),
+    # the larger of the two, times sqrt(2): a ratio carries the noise of both its terms.
+    # A difference smaller than that is one this run cannot resolve.
     spreads = [_half_range(before_vals), _half_range(after_vals)]
-    spread = None if None in spreads else max(x for x in spreads if x is not None)
+    spread = None if None in spreads else math.sqrt(2) * max(x for x in spreads if x is not None)
     out["median_ratio"] = round(med, 4)
     out["ratio_min"] = round(min(ratios), 4)
     out["ratio_max"] = round(max(ratios), 4)
@@ -259,4 +261,15 @@ def verdict(runs: list[dict[str, Any]], after: str = "sidecar") -> dict[str, Any
     ref = "direct-xcpu" if has_x else "direct"
     added = _compare(p50, after, BASE_CONFIG, False, reference=ref)
     added["reference"] = ref
-    return {"c50_rps": rps, "c1_added_p50": added}
+    # Other processes on the machine during the two sidecars' runs: the verdict is only as
+    # good as the quiet it was measured in.
+    foreign = [
+        float(r.get("foreign_cpu_pct") or 0.0)
+        for r in runs
+        if r["phase"] in ("small", "c1") and r["config"] in (after, BASE_CONFIG)
+    ]
+    return {
+        "c50_rps": rps,
+        "c1_added_p50": added,
+        "foreign_cpu_pct_max": max(foreign) if foreign else None,
+    }

@@ -863,7 +863,7 @@ def _ab_section(add: Any, ab: dict[str, Any]) -> None:
     add("")
     add(
         "| metric | before, per round | after, per round | after ÷ before, per round "
-        "| median ratio [min-max] | spread (before / after) | no worse beyond the spread |"
+        "| median ratio [min-max] | spread: before / after / run | no worse beyond the spread |"
     )
     add("|---|---|---|---|---|---|---|")
     for key, name, spec in (
@@ -885,7 +885,8 @@ def _ab_section(add: Any, ab: dict[str, Any]) -> None:
             f"| {', '.join(f'{x:.3f}' for x in v.get('ratios', []))} "
             f"| {_fmt(v.get('median_ratio'), '.3f')} [{_fmt(v.get('ratio_min'), '.3f')}-"
             f"{_fmt(v.get('ratio_max'), '.3f')}] "
-            f"| ±{_pct(v.get('spread_before'))} / ±{_pct(v.get('spread_after'))} % "
+            f"| ±{_pct(v.get('spread_before'))} / ±{_pct(v.get('spread_after'))} / "
+            f"±{_pct(v.get('spread'))} % "
             f"| {verdict} |"
         )
     add("")
@@ -893,10 +894,18 @@ def _ab_section(add: Any, ab: dict[str, Any]) -> None:
         "Per round, the two sidecars run back to back, so a ratio compares them on the same "
         "machine state. A config's spread is half its range across rounds relative to its "
         "median (the same code every round: what the machine did to it); the run's spread is "
-        "the larger of the two. No worse: the median ratio is at least 1 - spread (req/s) or "
-        "at most 1 + spread (added latency)."
+        "the larger of the two times √2 (a ratio carries the noise of both its terms). No "
+        "worse: the median ratio is at least 1 - spread (req/s) or at most 1 + spread (added "
+        "latency)."
     )
     add("")
+    foreign = ab.get("foreign_cpu_pct_max")
+    if foreign is not None and foreign > 10:
+        add(
+            f"**Noise:** other processes used up to {foreign:.0f} % of a core during these "
+            "runs; a verdict measured on a busy machine is weak either way: run it again."
+        )
+        add("")
 
 
 def _grpc_section(
