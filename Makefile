@@ -37,9 +37,10 @@ types: setup
 unit: setup
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
 
+# make bench BASE=<rev>: an A/B of that revision (own worktree and venv) beside this tree.
 bench: setup
 	bash scripts/install-system-deps.sh bench
-	$(PY) -m bench $(BENCH_ARGS)
+	$(PY) -m bench $(if $(BASE),--base $(BASE)) $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

@@ -4,6 +4,7 @@
     python -m bench --quick              # shorter rounds
     python -m bench --smoke              # ~1 s per phase, for the test suite
     python -m bench --only small,c1 --duration 3 --rounds 2
+    python -m bench --base HEAD~1 --only small,c1   # A/B: that revision beside this tree
 
 Prints a markdown table on stdout (progress on stderr) and writes JSON under bench/results/;
 a full run also writes bench/results/latest.md.
@@ -22,7 +23,8 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from bench import report
+from bench import ab, report
+from bench.grpc_row import GrpcRow
 from bench.phases import PHASES, SCENARIOS, Bench, Settings, Tools, settings_dict
 from bench.runner import (
     Procs,
@@ -37,6 +39,7 @@ from bench.runner import (
 from bench.scenarios import Resilience
 
 RESULTS = Path(__file__).resolve().parent / "results"
+REPO = Path(__file__).resolve().parent.parent
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -46,6 +49,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     mode.add_argument("--smoke", action="store_true", help="1 round x 1 s per phase (tests)")
     p.add_argument("--duration", type=int, default=None, help="seconds per run, every phase")
     p.add_argument("--rounds", type=int, default=None, help="interleaved rounds per phase")
+    p.add_argument(
+        "--repeat",
+        type=int,
+        default=None,
+        help="runs of every resilience scenario (default 5; 1 with --quick/--smoke)",
+    )
+    p.add_argument(
+        "--base",
+        metavar="REV",
+        default=None,
+        help="A/B: run the sidecar at git revision REV (own worktree and venv) as "
+        f"`{ab.BASE_CONFIG}` beside this tree's in the small and c1 phases",
+    )
     p.add_argument(
         "--only",
         default=None,
@@ -101,37 +117,56 @@ def idle_check() -> dict[str, float]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return run(argv)
+    except KeyboardInterrupt as exc:
+        # Everything was stopped and removed on the way out (the `finally` in run).
+        log(f"interrupted ({exc or 'Ctrl-C'}): processes stopped, temporary files removed")
+        return 130
+
+
+def run(argv: list[str] | None) -> int:
     args = parse_args(argv)
     mode = "smoke" if args.smoke else "quick" if args.quick else "full"
     settings = Settings.preset(mode)
-    settings.override(args.duration, args.rounds)
+    settings.override(args.duration, args.rounds, args.repeat)
     select(settings, args.only)
-    custom = bool(args.only or args.duration or args.rounds)
+    custom = bool(args.only or args.duration or args.rounds or args.repeat or args.base)
+    if args.base and not {"small", "c1"} & set(settings.phases):
+        raise SystemExit("--base compares the small and c1 phases: add one of them to --only")
     tools = find_tools()
     load_cpu, proxy_cpu = cpus()
     if load_cpu == proxy_cpu:
         log("warning: one CPU only; the load and the proxy share it")
     pin_self(load_cpu)  # this process (and the in-process load driver) lives on the load CPU
 
-    tmp = Path(tempfile.mkdtemp(prefix="sidecar-bench-"))
-    procs = Procs(tools.taskset)
-    bench = Bench(settings, tools, tmp, procs, load_cpu, proxy_cpu)
-
     def on_signal(signum: int, frame: FrameType | None) -> None:
         raise KeyboardInterrupt(f"signal {signum}")
 
     signal.signal(signal.SIGTERM, on_signal)
-    quiet = idle_check()
+    tmp = Path(tempfile.mkdtemp(prefix="sidecar-bench-"))
+    procs = Procs(tools.taskset)
+    bench = Bench(settings, tools, tmp, procs, load_cpu, proxy_cpu)
+    base = ab.BaseTree(REPO, args.base) if args.base else None
     started = time.strftime("%Y-%m-%dT%H:%M:%S")
     wall0 = time.monotonic()
     resilience: dict[str, Any] = {}
-    log(f"{mode} run: phases {', '.join(settings.phases)}; tmp {tmp}")
+    grpc: dict[str, Any] | None = None
     try:
+        if base is not None:
+            base.add()  # inside the try: a Ctrl-C while pip runs still removes the worktree
+            bench.base = base
+        quiet = idle_check()
+        log(f"{mode} run: phases {', '.join(settings.phases)}; tmp {tmp}")
         bench.throughput_phases()
+        if "grpc" in settings.phases:
+            grpc = GrpcRow(bench).run()
         if "resilience" in settings.phases:
             resilience = Resilience(bench).run()
     finally:
         procs.stop_all()
+        if base is not None:
+            base.remove()
         if args.keep_tmp:
             log(f"kept {tmp}")
         else:
@@ -159,10 +194,14 @@ def main(argv: list[str] | None = None) -> int:
         "summary": summary,
         "derived": derived,
         "bigbody": bench.extra.get("bigbody"),
+        "grpc": grpc,
         "resilience": resilience,
         "runs": bench.runs,
     }
-    result["targets"] = report.evaluate_targets(summary, derived, resilience)
+    if base is not None:
+        result["ab"] = {"base": base.info, **ab.verdict(bench.runs)}
+    result["targets"] = report.evaluate_targets(summary, derived, resilience, grpc)
+    result["targets"] += report.ab_targets(result.get("ab"))
     args.results_dir.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     json_path = args.results_dir / f"bench-{stamp}-{mode}.json"

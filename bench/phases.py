@@ -1,6 +1,6 @@
 """The run: settings, the processes under test, and the throughput phases.
 
-Layout (as in perf/BASELINES.md): wrk, the upstream, the load driver and this process on
+Layout: wrk, the upstream, the load driver and this process on
 CPU 0; the proxy under test on CPU 1. Every phase runs its configs interleaved,
 each round starting one config later (A B C, B C A, C A B, ...), and the report takes
 medians with min-max.
@@ -15,7 +15,15 @@ from pathlib import Path
 from typing import Any
 
 from bench import wrk
-from bench.configs import SCALING_PATH, SCALING_ROUTES, SidecarSpec, haproxy_config, sidecar_config
+from bench.ab import BASE_CONFIG, BaseTree
+from bench.configs import (
+    SCALING_PATH,
+    SCALING_ROUTES,
+    HaproxySpec,
+    SidecarSpec,
+    haproxy_config,
+    sidecar_config,
+)
 from bench.runner import (
     CLK_TCK,
     Proc,
@@ -29,6 +37,8 @@ from bench.runner import (
     free_port,
     free_ports,
     log,
+    switches_delta,
+    thread_switches,
     vm_kib,
     wait_ready,
 )
@@ -38,8 +48,17 @@ REPO = Path(__file__).resolve().parent.parent
 MIB = 1048576
 
 FOREIGN_LIMIT = 10.0  # % of a core used by other processes that makes a run noisy
-PHASES = ("small", "c1", "bodies", "scaling", "bigbody", "resilience")
-SCENARIOS = ("errors503", "dead_endpoint", "outage", "slow_endpoint")
+PHASES = ("small", "c1", "bodies", "scaling", "bigbody", "grpc", "resilience")
+SCENARIOS = (
+    "errors503",
+    "dead_endpoint",
+    "outage",
+    "slow_endpoint",
+    "keepalive",
+    "lowtraffic",
+    "recovery",
+    "amplification",
+)
 
 
 @dataclass
@@ -52,17 +71,31 @@ class Settings:
     c1_duration: int = 3
     c1_rounds: int = 5
     body_duration: int = 3
-    body_rounds: int = 5  # large loopback transfers are bimodal (BASELINES.md)
+    body_rounds: int = 5  # large loopback transfers are bimodal
     scaling_duration: int = 3
     scaling_rounds: int = 5  # judged on per-round ratios: more, shorter rounds
     bigbody_duration: int = 3
+    grpc_duration: int = 3
+    grpc_rounds: int = 3
     warmup: int = 1
-    scenario_duration: float = 5.0
+    repeat: int = 5  # every scenario runs this many times; each run is reported
+    scenario_duration: float = 5.0  # dead_endpoint, slow_endpoint (per proxy)
     scenario_rate: float = 200.0
+    errors503_duration: float = 12.0  # x 5 repeats = the contract's 60 s
     outage_rate: float = 100.0
     outage_up: float = 2.0
     outage_down: float = 5.0
-    breaker_reset: str = "30s"  # the sidecar's default; smoke shortens it (recorded)
+    # "After recovery" runs from 1 s after the upstream is back, for at least 10 s; the
+    # outage also lasts until the breaker's open period has surely ended (its reset_timeout,
+    # read from the running sidecar), capped by outage_after_max.
+    outage_after_min: float = 11.0
+    outage_after_max: float = 40.0
+    keepalive_duration: float = 20.0
+    lowtraffic_gap: float = 1.0  # 1 request/s
+    amplification_duration: float = 10.0
+    recovery_idle: float = 1.0  # no traffic between the trip and the upstream's return
+    recovery_wait_max: float = 12.0  # polling /admin/state for half_open, at most
+    reruns: bool = True  # re-run a throughput run once when other processes took CPU
     phases: tuple[str, ...] = PHASES
     scenarios: tuple[str, ...] = SCENARIOS
 
@@ -80,7 +113,15 @@ class Settings:
                 scaling_duration=2,
                 scaling_rounds=2,
                 bigbody_duration=2,
+                grpc_duration=2,
+                grpc_rounds=2,
+                repeat=1,
                 scenario_duration=3.0,
+                errors503_duration=6.0,
+                outage_after_min=4.0,
+                outage_after_max=12.0,
+                keepalive_duration=8.0,
+                amplification_duration=5.0,
             )
         if mode == "smoke":
             return cls(
@@ -96,23 +137,38 @@ class Settings:
                 # Ten 100 MiB transfers share the loopback: at ~1 GiB/s none finishes
                 # inside one second, and a run with no whole response proves nothing.
                 bigbody_duration=3,
+                grpc_duration=1,
+                grpc_rounds=1,
                 warmup=0,
+                repeat=1,
                 scenario_duration=1.0,
                 scenario_rate=100.0,
+                errors503_duration=2.0,
                 outage_up=0.5,
                 outage_down=1.5,
-                breaker_reset="2s",
+                outage_after_min=2.0,
+                outage_after_max=2.0,
+                keepalive_duration=2.5,
+                lowtraffic_gap=0.2,
+                amplification_duration=1.0,
+                recovery_idle=0.3,
+                recovery_wait_max=2.0,
+                reruns=False,
             )
         return cls()
 
-    def override(self, duration: int | None, rounds: int | None) -> None:
+    def override(self, duration: int | None, rounds: int | None, repeat: int | None) -> None:
         if duration is not None:
-            for key in ("small", "c1", "body", "scaling", "bigbody"):
+            for key in ("small", "c1", "body", "scaling", "bigbody", "grpc"):
                 setattr(self, f"{key}_duration", duration)
             self.scenario_duration = float(duration)
+            self.errors503_duration = 2.0 * duration
+            self.amplification_duration = float(duration)
         if rounds is not None:
-            for key in ("small", "c1", "body", "scaling"):
+            for key in ("small", "c1", "body", "scaling", "grpc"):
                 setattr(self, f"{key}_rounds", rounds)
+        if repeat is not None:
+            self.repeat = max(1, repeat)
 
 
 @dataclass
@@ -146,6 +202,7 @@ class Bench:
     runs: list[dict[str, Any]] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
     upstream_kind: str = "nginx"
+    base: BaseTree | None = None  # --base: the sidecar at that revision, beside this one
     report_lua: Path = Path()
     status_lua: Path = Path()
 
@@ -185,9 +242,9 @@ class Bench:
             name, cmd, cpu=self.load_cpu, log_path=self.tmp / f"{name}.log", cwd=REPO
         )
 
-    def start_haproxy(self, name: str, endpoints: list[str], server_timeout: str = "2s") -> Target:
+    def start_haproxy(self, name: str, spec: HaproxySpec) -> Target:
         port = free_port()
-        cfg = haproxy_config(self.tmp / f"{name}.cfg", port, endpoints, server_timeout)
+        cfg = haproxy_config(self.tmp / f"{name}.cfg", port, spec)
         proc = self.procs.start(
             name,
             [self.tools.haproxy, "-f", str(cfg), "-db"],
@@ -197,17 +254,37 @@ class Bench:
         wait_ready(proc, port)
         return Target(name, port, proc, self.load_cpu)
 
-    def start_sidecar(self, name: str, spec: SidecarSpec, path_prefix: str = "") -> Target:
-        """`sidecar run -c CONFIG`, pinned to the proxy CPU, ready once /readyz says 200."""
+    def start_sidecar(
+        self, name: str, spec: SidecarSpec, path_prefix: str = "", *, base: bool = False
+    ) -> Target:
+        """`sidecar run -c CONFIG`, pinned to the proxy CPU, ready once /readyz says 200;
+        `base`: the --base revision's sidecar, from its worktree and venv."""
         listen, admin = free_ports(2)
         cfg = sidecar_config(self.tmp / f"{name}.yaml", spec, listen, admin)
+        return self.run_sidecar(name, cfg, listen, admin, path_prefix, base=base)
+
+    def run_sidecar(
+        self,
+        name: str,
+        cfg: Path,
+        listen: int,
+        admin: int,
+        path_prefix: str = "",
+        *,
+        base: bool = False,
+    ) -> Target:
+        python, cwd, env = sys.executable, REPO, None
+        if base:
+            assert self.base is not None
+            python, cwd, env = str(self.base.python), self.base.path, self.base.env()
         # The access log (JSON on stdout) stays on and goes to /dev/null; stderr to a file.
         proc = self.procs.start(
             name,
-            [sys.executable, "-m", "sidecar", "run", "-c", str(cfg)],
+            [python, "-m", "sidecar", "run", "-c", str(cfg)],
             cpu=self.proxy_cpu,
-            log_path=self.tmp / f"{name}.log",
-            cwd=REPO,
+            log_path=self.tmp / f"{name.replace('@', '-')}.log",
+            cwd=cwd,
+            env=env,
         )
         wait_ready(proc, listen, http_path="/readyz", http_port=admin, timeout=30)
         return Target(name, listen, proc, self.load_cpu, path_prefix, admin)
@@ -231,6 +308,7 @@ class Bench:
         if not target.proc.alive():
             raise RuntimeError(f"{target.name} died:\n{target.proc.log_tail()}")
         f0 = foreign_ticks()
+        s0 = thread_switches(pid)
         t0 = cpu_ticks(pid)
         c0 = core_times()
         w0 = time.monotonic()
@@ -244,9 +322,12 @@ class Bench:
             cpu=target.wrk_cpu,
         )
         t1 = cpu_ticks(pid)
+        s1 = thread_switches(pid)
         c1 = core_times()
         foreign = foreign_cpu_pct(f0, foreign_ticks(), time.monotonic() - w0)
         cpu_s = (t1 - t0) / CLK_TCK
+        switches = switches_delta(pid, s0, s1)
+        total_sw = int(str(switches["total"]))
         rec: dict[str, Any] = {
             "phase": phase,
             "config": target.name,
@@ -262,6 +343,8 @@ class Bench:
             "vmrss_kib": vm_kib(pid, "VmRSS"),
             "cores_busy_pct": core_busy_pct(c0, c1),
             "foreign_cpu_pct": foreign,
+            "ctx_switches": switches,
+            "wakeups_per_req": round(total_sw / res.requests, 3) if res.requests else None,
         }
         bad = sum(res.errors.values())
         if bad:
@@ -294,7 +377,8 @@ class Bench:
             shift = (r - 1) % len(targets)
             for t in targets[shift:] + targets[:shift]:
                 rec = self.measure(phase, t, path, connections, duration, r)
-                if rec["foreign_cpu_pct"] > FOREIGN_LIMIT and retries_left > 0:
+                noisy = rec["foreign_cpu_pct"] > FOREIGN_LIMIT
+                if noisy and self.settings.reruns and retries_left > 0:
                     # Another job on the machine took CPU during this run: run it again,
                     # once, and keep the quieter of the two.
                     retries_left -= 1
@@ -320,20 +404,31 @@ class Bench:
         origin = f"127.0.0.1:{up_port}"
         direct = Target("direct", up_port, upstream, self.load_cpu)
         if need_main:
-            haproxy = self.start_haproxy("haproxy", [origin])
+            haproxy = self.start_haproxy("haproxy", HaproxySpec((origin,)))
             sidecar = self.start_sidecar("sidecar", SidecarSpec((origin,)))
             main = [direct, haproxy, sidecar]
-            for t in main:
+            # --base: the base revision's sidecar joins the small-body c50 and c1 rotations.
+            ab: list[Target] = []
+            if self.base is not None:
+                ab = [self.start_sidecar(BASE_CONFIG, SidecarSpec((origin,)), base=True)]
+            for t in main + ab:
                 expect_200(t.name, t.port)
             if "small" in wanted:
                 log(f"phase small: 6 B body, -c50, {s.small_rounds} x {s.small_duration}s")
-                self.interleaved("small", main, "/", 50, s.small_duration, s.small_rounds)
+                self.interleaved("small", main + ab, "/", 50, s.small_duration, s.small_rounds)
             if "c1" in wanted:
                 log(f"phase c1: 6 B body, -c1, {s.c1_rounds} x {s.c1_duration}s")
                 xcpu = Target("direct-xcpu", up_port, upstream, self.proxy_cpu)
                 self.interleaved(
-                    "c1", [direct, xcpu, haproxy, sidecar], "/", 1, s.c1_duration, s.c1_rounds
+                    "c1",
+                    [direct, xcpu, haproxy, sidecar, *ab],
+                    "/",
+                    1,
+                    s.c1_duration,
+                    s.c1_rounds,
                 )
+            for t in ab:
+                self.procs.stop(t.proc)
             if "bodies" in wanted:
                 for body in ("16k", "1m"):
                     log(f"phase body{body}: -c10, {s.body_rounds} x {s.body_duration}s")
@@ -386,6 +481,20 @@ class Bench:
             out[body] = rec
             self.procs.stop(target.proc)
         self.extra["bigbody"] = out
+
+
+def seconds(text: str | float | int) -> float:
+    """A duration as the sidecar's config writes it (`500ms`, `5s`, `1m`), or a number."""
+    if isinstance(text, int | float):
+        return float(text)
+    text = text.strip()
+    if text.endswith("ms"):
+        return float(text[:-2]) / 1000
+    if text.endswith("s"):
+        return float(text[:-1])
+    if text.endswith("m"):
+        return float(text[:-1]) * 60
+    return float(text)
 
 
 def settings_dict(s: Settings) -> dict[str, Any]:

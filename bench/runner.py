@@ -119,6 +119,50 @@ def cpu_ticks(pid: int) -> int:
     return int(fields[11]) + int(fields[12])
 
 
+def thread_switches(pid: int) -> dict[int, tuple[str, int, int]]:
+    """Per thread of `pid`: (name, voluntary, nonvoluntary context switches), from
+    /proc/PID/task/TID/status (PID/status alone counts the main thread only). A voluntary
+    switch is the thread going to sleep (waiting for I/O or a lock): each one is followed
+    by a wake-up, so voluntary + nonvoluntary over a run counts the wake-ups."""
+    out: dict[int, tuple[str, int, int]] = {}
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return out
+    for tid in tids:
+        vol = nonvol = 0
+        name = "?"
+        try:
+            with open(f"/proc/{pid}/task/{tid}/status") as f:
+                for line in f:
+                    if line.startswith("Name:"):
+                        name = line[5:].strip() or "?"
+                    elif line.startswith("voluntary_ctxt_switches:"):
+                        vol = int(line.split()[1])
+                    elif line.startswith("nonvoluntary_ctxt_switches:"):
+                        nonvol = int(line.split()[1])
+        except OSError:
+            continue  # the thread ended between listdir and open
+        out[int(tid)] = (name, vol, nonvol)
+    return out
+
+
+def switches_delta(
+    pid: int, before: dict[int, tuple[str, int, int]], after: dict[int, tuple[str, int, int]]
+) -> dict[str, object]:
+    """Context switches over a run: total, and per thread (`main` = the thread whose TID
+    is the PID; the others by TID and name). Threads that ended during the run are lost."""
+    threads: dict[str, dict[str, int | str]] = {}
+    total = 0
+    for tid, (name, vol, nonvol) in after.items():
+        _, vol0, nonvol0 = before.get(tid, (name, 0, 0))
+        dv, dn = vol - vol0, nonvol - nonvol0
+        total += dv + dn
+        key = "main" if tid == pid else f"tid{tid}"
+        threads[key] = {"name": name, "voluntary": dv, "nonvoluntary": dn}
+    return {"total": total, "threads": threads}
+
+
 def vm_kib(pid: int, key: str = "VmHWM") -> int:
     with open(f"/proc/{pid}/status") as f:
         for line in f:
@@ -300,6 +344,19 @@ def wait_ready(
                 return
         time.sleep(0.05)
     raise RuntimeError(f"{proc.name} not ready on port {port} after {timeout}s:\n{proc.log_tail()}")
+
+
+def wait_accepting(port: int, timeout: float = 15.0, proc: Proc | None = None) -> float | None:
+    """Poll `port` every 5 ms until it accepts a connection; the time.perf_counter() at
+    which it first did (None after `timeout`, or when `proc` exits)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and not proc.alive():
+            return None
+        if port_open(port, 0.05):
+            return time.perf_counter()
+        time.sleep(0.005)
+    return None
 
 
 def wait_port_closed(port: int, timeout: float = 5.0) -> None:

@@ -3,12 +3,13 @@
 #   test:  etcd, dnsmasq, prometheus/promtool  (real registries and a real Prometheus in tests),
 #          thrift-compiler                      (tests generate a Thrift service's Python code),
 #          chromium                             (the dashboard page, tested in a real browser)
-#   bench: wrk, haproxy, nginx                 (load generator and the comparison proxies)
+#   bench: wrk, haproxy, nginx, taskset, h2load (load generators and the comparison proxies;
+#          h2load, from nghttp2-client, drives the gRPC row)
 set -euo pipefail
 case "${1:-test}" in
   test)  want=(etcd-server:etcd dnsmasq-base:dnsmasq prometheus:promtool wrk:wrk haproxy:haproxy
                thrift-compiler:thrift chromium:chromium) ;;
-  bench) want=(wrk:wrk haproxy:haproxy nginx-light:nginx util-linux:taskset) ;;
+  bench) want=(wrk:wrk haproxy:haproxy nginx-light:nginx util-linux:taskset nghttp2-client:h2load) ;;
   *) echo "usage: $0 test|bench" >&2; exit 2 ;;
 esac
 missing=()
