@@ -46,7 +46,7 @@ import logging
 import re
 import socket
 from collections import deque
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from dataclasses import dataclass
 from typing import Any, Final, cast
 
@@ -398,9 +398,7 @@ class _Counter:
         horizon = now - self.window
         while times and times[0] <= horizon:
             times.popleft()
-        if len(times) > self.limit:
-            return True
-        return False
+        return len(times) > self.limit
 
 
 class H2ServerProtocol(asyncio.Protocol):
@@ -575,7 +573,8 @@ class H2ServerProtocol(asyncio.Protocol):
         total = stream.received + frame.data_length()
         ended = bool(frame.flags & FLAG_END_STREAM)
         if total > stream.expected or (ended and total != stream.expected):
-            self._malformed_body(stream, f"body of {total}+ bytes, content-length {stream.expected}")
+            detail = f"body of {total}+ bytes, content-length {stream.expected}"
+            self._malformed_body(stream, detail)
             return
         stream.received = total
 
@@ -615,10 +614,12 @@ class H2ServerProtocol(asyncio.Protocol):
                 problem = _check_trailers(event.headers or [])
                 if problem is not None:
                     self._malformed_body(stream, problem)
-        elif isinstance(event, h2.events.RemoteSettingsChanged):
-            if h2.settings.SettingCodes.INITIAL_WINDOW_SIZE in event.changed_settings:
-                for stream in self.streams.values():
-                    stream.window_event.set()
+        elif (
+            isinstance(event, h2.events.RemoteSettingsChanged)
+            and h2.settings.SettingCodes.INITIAL_WINDOW_SIZE in event.changed_settings
+        ):
+            for stream in self.streams.values():
+                stream.window_event.set()
 
     def _request(self, event: h2.events.RequestReceived) -> None:
         stream_id = event.stream_id
@@ -643,7 +644,7 @@ class H2ServerProtocol(asyncio.Protocol):
             stream.expected = head.content_length
             inbound = H2Inbound(stream, head, self._remote)
             coro = self._run(stream, inbound, H2Responder(stream))
-        task = self._server.tasks.spawn(coro, f"stream-{stream_id}")
+        task = self._server.spawn(coro, f"stream-{stream_id}")
         stream.task = task
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -934,6 +935,8 @@ class H2Server:
         self.connections: set[H2ServerProtocol] = set()
         self.tasks = TaskOwner("h2")
         self.draining = False
+        self._idle = asyncio.Event()
+        self._idle.set()
 
     def __call__(self) -> H2ServerProtocol:
         return H2ServerProtocol(self)
@@ -949,10 +952,19 @@ class H2Server:
         for connection in list(self.connections):
             connection.goaway()
 
-    async def wait_idle(self, poll: float = 0.05) -> None:
+    def spawn(self, coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task[Any]:
+        task = self.tasks.spawn(coro, name)
+        self._idle.clear()
+        task.add_done_callback(self._task_done)  # runs after the owner forgot the task
+        return task
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        if not len(self.tasks):
+            self._idle.set()
+
+    async def wait_idle(self) -> None:
         """Until no stream task runs (callers bound it with a timeout)."""
-        while len(self.tasks):
-            await asyncio.sleep(poll)
+        await self._idle.wait()
 
     async def close(self) -> None:
         """End of the drain: cut what is left, cancel and await every stream task."""
