@@ -386,7 +386,7 @@ async def test_connection_lost_mid_response_is_upstream_broken(pool: H2Pool) -> 
     await raw.start()
     try:
         response = await call(pool, raw.port, UpstreamRequest("GET", "/x", "svc", [], None))
-        with pytest.raises(UpstreamBroken, match="connection lost|closed the connection"):
+        with pytest.raises(UpstreamBroken, match=r"connection lost|closed the connection"):
             await response.read(idle_timeout=5)
         response.release()
     finally:

@@ -64,6 +64,7 @@ from sidecar.config.model import Http2Config
 from sidecar.h2frames import (
     FLAG_ACK,
     FLAG_END_STREAM,
+    PREFACE,
     FrameError,
     FrameReader,
     FrameType,
@@ -433,6 +434,11 @@ class H2ServerProtocol(asyncio.Protocol):
             judge=self._judge,
         )
 
+    @property
+    def highest_stream_id(self) -> int:
+        """The highest stream id the app has opened on this connection."""
+        return 0 if self._conn is None else self._conn.highest_inbound_stream_id
+
     # -- asyncio.Protocol ----------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -477,6 +483,8 @@ class H2ServerProtocol(asyncio.Protocol):
         conn.decoder.max_header_list_size = 2 * cfg.max_header_list_size
         if cfg.connection_window > 65535:
             conn.increment_flow_control_window(cfg.connection_window - 65535)
+        # FrameReader checks the app's preface and keeps it; h2 wants to see one too.
+        conn.receive_data(PREFACE)
         self._conn = conn
         self._flush()
         if self._server.draining:

@@ -14,7 +14,7 @@ import contextlib
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import grpc
 import h2.config
@@ -255,7 +255,12 @@ class RawH2Server:
 
 
 class RawH2Client:
-    """A client connection that writes whatever it is told, and reads h2 events."""
+    """A client connection that writes whatever it is told, and reads h2 events.
+
+    Every client made is listed in `opened`; `close_all()` (a fixture's teardown)
+    closes what a test left open."""
+
+    opened: ClassVar[list[RawH2Client]] = []
 
     def __init__(
         self,
@@ -267,6 +272,7 @@ class RawH2Client:
         self.writer = writer
         self.conn = conn
         self.events: list[h2.events.Event] = []
+        self.raw = bytearray()  # everything received, for tests that parse frames
         self.eof = False
 
     @classmethod
@@ -295,6 +301,7 @@ class RawH2Client:
         if settings:
             conn.local_settings = h2.settings.Settings(client=True, initial_values=settings)
         client = cls(reader, writer, conn)
+        cls.opened.append(client)
         if preface:
             conn.initiate_connection()
             client.flush()
@@ -310,11 +317,15 @@ class RawH2Client:
 
     async def read_some(self, timeout: float = 5.0) -> list[h2.events.Event]:
         """Whatever arrives next (at least one read), as h2 events."""
-        async with asyncio.timeout(timeout):
-            data = await self.reader.read(65536)
+        try:
+            async with asyncio.timeout(timeout):
+                data = await self.reader.read(65536)
+        except ConnectionResetError:
+            data = b""
         if not data:
             self.eof = True
             return []
+        self.raw += data
         try:
             events = self.conn.receive_data(data)
         except h2.exceptions.ProtocolError:
@@ -382,6 +393,14 @@ class RawH2Client:
 
     def close(self) -> None:
         self.writer.close()
+
+    @classmethod
+    async def close_all(cls) -> None:
+        for client in cls.opened:
+            client.writer.close()
+            with contextlib.suppress(ConnectionError):
+                await client.writer.wait_closed()
+        cls.opened.clear()
 
 
 @dataclass
