@@ -391,3 +391,17 @@ async def test_connection_lost_mid_response_is_upstream_broken(pool: H2Pool) -> 
         response.release()
     finally:
         await raw.close()
+
+
+async def test_forget_closes_idle_connections(pool: H2Pool) -> None:
+    async with grpc_server() as server:
+        response = await call(pool, server.port, grpc_request("Unary", server.port, frame(b"a")))
+        await response.read()
+        response.release()
+        assert pool.connections(endpoint(server.port)) == 1
+        pool.forget(endpoint(server.port))
+        assert pool.connections(endpoint(server.port)) == 0
+        response = await call(pool, server.port, grpc_request("Unary", server.port, frame(b"b")))
+        assert unframe(await response.read()) == [b"echo:b"]
+        response.release()
+        assert pool.connections(endpoint(server.port)) == 1
