@@ -48,7 +48,7 @@ import socket
 from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from dataclasses import dataclass
-from typing import Any, Final, cast
+from typing import TYPE_CHECKING, Any, Final, cast
 
 import h2.config
 import h2.connection
@@ -636,7 +636,11 @@ class H2ServerProtocol(asyncio.Protocol):
         if self.goaway_sent and stream_id > self._last_stream_id:
             self._refuse(stream_id)
             return
-        if self._peer_goaway or len(self.streams) >= self._config.max_concurrent_streams:
+        if (
+            self._peer_goaway
+            or self._server.closed
+            or len(self.streams) >= self._config.max_concurrent_streams
+        ):
             self._refuse(stream_id)
             return
         stream = _Stream(self, stream_id)
@@ -943,6 +947,7 @@ class H2Server:
         self.connections: set[H2ServerProtocol] = set()
         self.tasks = TaskOwner("h2")
         self.draining = False
+        self.closed = False
         self._idle = asyncio.Event()
         self._idle.set()
 
@@ -977,6 +982,16 @@ class H2Server:
     async def close(self) -> None:
         """End of the drain: cut what is left, cancel and await every stream task."""
         self.draining = True
+        self.closed = True
         for connection in list(self.connections):
             connection.close_now()
         await self.tasks.close()
+
+
+if TYPE_CHECKING:
+
+    def _implements_the_seam(inbound: H2Inbound, responder: H2Responder) -> None:
+        # mypy checks here that both classes satisfy the app-facing seam's Protocols.
+        request: Inbound = inbound
+        answer: Responder = responder
+        del request, answer

@@ -38,7 +38,7 @@ import logging
 import socket
 from collections import deque
 from collections.abc import AsyncIterator
-from typing import Any, Final, cast
+from typing import TYPE_CHECKING, Any, Final, cast
 
 import h2.config
 import h2.connection
@@ -60,6 +60,9 @@ from sidecar.upstream.base import (
     UpstreamBroken,
     UpstreamRequest,
 )
+
+if TYPE_CHECKING:
+    from sidecar.upstream.base import UpstreamClient, UpstreamResponse
 
 log = logging.getLogger("sidecar.upstream.h2")
 
@@ -148,7 +151,15 @@ class _Stream:
 class H2Response:
     """A response head with its body and trailers (`sidecar.upstream.base.UpstreamResponse`)."""
 
-    __slots__ = ("_released", "_stream", "content_length", "headers", "reason", "status")
+    __slots__ = (
+        "_released",
+        "_stream",
+        "content_length",
+        "headers",
+        "reason",
+        "status",
+        "trailers",
+    )
 
     def __init__(self, stream: _Stream, status: int, headers: CIMultiDict[str]) -> None:
         self._stream = stream
@@ -158,10 +169,7 @@ class H2Response:
         self.headers = CIMultiDictProxy(headers)
         length = headers.get("content-length")
         self.content_length = int(length) if length is not None and length.isdigit() else None
-
-    @property
-    def trailers(self) -> CIMultiDictProxy[str] | None:
-        return self._stream.trailers
+        self.trailers: CIMultiDictProxy[str] | None = None  # set when they arrive
 
     @property
     def complete(self) -> bool:
@@ -322,6 +330,8 @@ class _Connection(asyncio.Protocol):
             stream = self.streams.get(event.stream_id)
             if stream is not None:
                 stream.trailers = CIMultiDictProxy(_fields(event.headers or []))
+                if stream.response is not None:
+                    stream.response.trailers = stream.trailers
         elif isinstance(event, h2.events.StreamEnded):
             stream = self.streams.get(event.stream_id)
             if stream is not None:
@@ -814,3 +824,12 @@ def _request_fields(request: UpstreamRequest) -> list[tuple[bytes, bytes]]:
     elif body is not None and request.content_length is not None:
         fields.append((b"content-length", b"%d" % request.content_length))
     return fields
+
+
+if TYPE_CHECKING:
+
+    def _implements_the_seam(pool: H2Pool, response: H2Response) -> None:
+        # mypy checks here that both classes satisfy the client seam's Protocols.
+        client: UpstreamClient = pool
+        head: UpstreamResponse = response
+        del client, head
