@@ -23,7 +23,7 @@ from support.grpc_peers import RawH2Client, RawResponse, frame, unframe
 from sidecar.config.model import Http2Config
 from sidecar.h2frames import FLAG_END_STREAM, PREFACE, FrameReader, FrameType
 from sidecar.http.base import Inbound, Responder
-from sidecar.http.h2server import FloodLimits, H2Server
+from sidecar.http.h2server import WRITE_HIGH_WATER, FloodLimits, H2Server
 from sidecar.http.sniff import SniffingFactory
 
 Headers = list[tuple[bytes, bytes]]
@@ -416,6 +416,36 @@ async def test_window_never_opened_bounds_what_is_buffered(
     client.close()
 
 
+async def test_app_not_reading_the_socket_bounds_what_is_buffered(
+    h2app: Callable[..., Awaitable[Started]],
+) -> None:
+    """Windows wide open, but the app reads nothing from its socket: the handler waits
+    on the socket's write buffer instead of the sidecar buffering the stream."""
+    app, server, port = await h2app()
+    big = 2**31 - 1
+    client = await RawH2Client.connect(
+        port, settings={h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: big}, rcvbuf=4096
+    )
+    client.conn.increment_flow_control_window(big - 65535)
+    await eventually(lambda: len(server.connections) == 1)
+    (connection,) = server.connections
+    assert connection.transport is not None
+    sock = connection.transport.get_extra_info("socket")
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    client.writer.transport.pause_reading()  # from here on, nothing is read from the socket
+    client.conn.send_headers(1, get("/big"), end_stream=True)
+    client.flush()
+    held = -1
+    for _ in range(100):  # until the handler stops making progress
+        await asyncio.sleep(0.02)
+        if app.written == held:
+            break
+        held = app.written
+    assert app.written < 64 * 16384  # the handler is held, mid-stream
+    assert connection.transport.get_write_buffer_size() <= WRITE_HIGH_WATER + 16384 + 9
+    await assert_served(port)
+
+
 # --------------------------------------------------------------------------- floods
 
 
@@ -466,6 +496,7 @@ async def test_answers_left_unread(
     assert connection.transport is not None
     sock = connection.transport.get_extra_info("socket")
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)  # our kernel buffer: small
+    client.writer.transport.pause_reading()  # never read an answer
     ping = PingFrame(0, opaque_data=b"abcdefgh").serialize()
     caplog.set_level(logging.INFO, logger="sidecar.h2")
     with pytest.raises(ConnectionError):
