@@ -405,3 +405,25 @@ async def test_forget_closes_idle_connections(pool: H2Pool) -> None:
         assert unframe(await response.read()) == [b"echo:b"]
         response.release()
         assert pool.connections(endpoint(server.port)) == 1
+
+
+async def _hints_first(
+    server: RawH2Server, conn: h2.connection.H2Connection, n: int, sid: int
+) -> None:
+    conn.send_headers(sid, [(b":status", b"103"), (b"link", b"</x>")])
+    RawH2Server.answer(conn, sid, b"final")
+
+
+async def test_interim_heads_reach_the_sink(pool: H2Pool) -> None:
+    raw = RawH2Server(_hints_first)
+    await raw.start()
+    seen: list[tuple[int, list[tuple[str, str]]]] = []
+    try:
+        request = UpstreamRequest("GET", "/x", "svc", [], None)
+        request.on_interim = lambda status, fields: seen.append((status, list(fields)))
+        response = await call(pool, raw.port, request)
+        assert (response.status, await response.read()) == (200, b"final")
+        response.release()
+        assert seen == [(103, [("link", "</x>")])]
+    finally:
+        await raw.close()

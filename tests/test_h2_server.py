@@ -81,6 +81,9 @@ class App:
             while chunk := await inbound.read_chunk():
                 body += chunk
             await responder.send_whole(200, None, [("x-len", str(len(body)))], body, bodyless=False)
+        elif path == "/early":
+            responder.send_interim(103, [("link", "</a.css>; rel=preload")])
+            await responder.send_whole(200, None, [], b"after hints", bodyless=False)
         elif path == "/boom":
             raise RuntimeError("the handler broke")
         elif path == "/trailers-only":
@@ -217,6 +220,16 @@ async def test_trailers_only_is_one_headers_frame(h2app: Callable[..., Awaitable
     assert event.stream_ended is not None  # END_STREAM on the HEADERS frame itself
     assert (b"grpc-status", b"14") in (event.headers or [])
     client.close()
+
+
+async def test_interim_head_before_the_answer(h2app: Callable[..., Awaitable[Started]]) -> None:
+    _, _, port = await h2app()
+    client = await RawH2Client.connect(port)
+    response = await request(client, get("/early"))
+    assert response.body == b"after hints"
+    (hint,) = [e for e in client.events if isinstance(e, h2.events.InformationalResponseReceived)]
+    assert (b":status", b"103") in (hint.headers or [])
+    assert (b"link", b"</a.css>; rel=preload") in (hint.headers or [])
 
 
 async def test_handler_error_resets_the_stream(h2app: Callable[..., Awaitable[Started]]) -> None:

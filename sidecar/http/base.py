@@ -24,11 +24,24 @@ Fields = Iterable[tuple[str, str]]
 class Inbound(Protocol):
     """One request from the app."""
 
-    method: str
-    target: str  # the request target as sent (HTTP/2: `:path`)
-    headers: CIMultiDictProxy[str]
-    version: HttpVersion
-    remote: str | None  # the app's IP address
+    @property
+    def method(self) -> str: ...
+
+    @property
+    def target(self) -> str:
+        """The request target as sent (HTTP/2: `:path`)."""
+        ...
+
+    @property
+    def headers(self) -> CIMultiDictProxy[str]: ...
+
+    @property
+    def version(self) -> HttpVersion: ...
+
+    @property
+    def remote(self) -> str | None:
+        """The app's IP address."""
+        ...
 
     @property
     def has_body(self) -> bool:
@@ -48,8 +61,9 @@ class Responder(Protocol):
     """The way back to the app for one request. Exactly one of `send_whole` or
     `start` (then `write`s and `finish`) is called, or `abort`."""
 
-    async def send_interim(self, status: int, headers: Fields) -> None:
-        """A 1xx head (103 Early Hints) before the final answer."""
+    def send_interim(self, status: int, headers: Fields) -> None:
+        """A 1xx head (103 Early Hints) before the final answer; written at once,
+        without waiting (the upstream client calls it from its parser callback)."""
         ...
 
     async def send_whole(

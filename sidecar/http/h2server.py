@@ -343,10 +343,11 @@ class H2Responder:
     def __init__(self, stream: _Stream) -> None:
         self._stream = stream
 
-    async def send_interim(self, status: int, headers: Fields) -> None:
+    def send_interim(self, status: int, headers: Fields) -> None:
+        # Written at once: HEADERS are not flow-controlled, and the seam wants no wait.
         if not 100 <= status < 200 or status == 101:
             raise ValueError(f"{status} is not an interim status")
-        await self._stream.conn.send_head(self._stream, status, headers, end=False, length=True)
+        self._stream.conn.send_interim(self._stream, status, headers)
 
     async def send_whole(
         self, status: int, reason: str | None, headers: Fields, body: bytes, *, bodyless: bool
@@ -789,6 +790,15 @@ class H2ServerProtocol(asyncio.Protocol):
             raise StreamReset(f"cannot send the response head: {exc}") from None
         if end:
             self._local_ended(stream)
+        self._flush()
+
+    def send_interim(self, stream: _Stream, status: int, headers: Fields) -> None:
+        conn = self._conn
+        if stream.reset or self.closed or stream.started or conn is None:
+            return  # nothing to tell an app that is gone, or after the final head
+        block = [(b":status", b"%d" % status), *_encode_fields(headers, drop_length=False)]
+        with contextlib.suppress(h2.exceptions.ProtocolError):
+            conn.send_headers(stream.id, block)
         self._flush()
 
     async def send_data(self, stream: _Stream, data: bytes, *, end: bool) -> None:

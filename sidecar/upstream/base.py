@@ -33,8 +33,9 @@ from multidict import CIMultiDictProxy
 from sidecar.endpoint import Endpoint
 
 Body = bytes | AsyncIterator[bytes] | None
-# Called for each interim (1xx but 100 and 101) response head before the final one.
-InterimSink = Callable[[int, str, Iterable[tuple[str, str]]], None]
+# Called for each interim (1xx but 100 and 101) response head before the final one,
+# with its status and headers.
+InterimSink = Callable[[int, Iterable[tuple[str, str]]], None]
 
 
 class UpstreamError(ConnectionError):

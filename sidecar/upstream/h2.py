@@ -325,7 +325,7 @@ class _Connection(asyncio.Protocol):
             if stream is not None and stream.on_interim is not None:
                 status = _status(event.headers or [])
                 if status != 100:
-                    stream.on_interim(status, "", list(_fields(event.headers or []).items()))
+                    stream.on_interim(status, list(_fields(event.headers or []).items()))
         elif isinstance(event, h2.events.TrailersReceived):
             stream = self.streams.get(event.stream_id)
             if stream is not None:
