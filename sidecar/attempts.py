@@ -6,12 +6,17 @@ of `per_try_timeout` and the time left. After each attempt:
 
 - the breaker records it (connect errors, resets, timeouts and `failure_status` count as
   failures; a cancelled attempt counts as nothing, or re-opens a half-open breaker);
-- the endpoint's outcome feeds outlier detection;
+- the endpoint's outcome feeds outlier detection, and the budget's throttle when the
+  attempt reached an upstream;
+- unless the outcome is the app's doing (`app_caused`): then it counts for none of them;
 - the retry policy (`sidecar.resilience.retry`) says whether another attempt may follow,
   the budget whether the upstream may take it (retries after a connect failure are free:
   they add no load upstream), and the back-off whether it fits in the time left.
   Otherwise the last outcome is the answer: an upstream response is passed through
   unchanged.
+
+When the request is over, its last trial is told (`Trial.request_done`): the breaker's
+consecutive rule counts requests, not attempts.
 
 This is the only module of the request path that sleeps between attempts; the policy
 pieces it consults do no I/O.
@@ -27,10 +32,10 @@ from typing import Protocol
 from sidecar.cluster import Cluster
 from sidecar.endpoint import Endpoint
 from sidecar.request import Exchange, StreamedBody
-from sidecar.resilience.breaker import CircuitOpen, ServiceBreaker
+from sidecar.resilience.breaker import CircuitOpen, ServiceBreaker, Trial
 from sidecar.resilience.budget import RetryBudget
 from sidecar.resilience.retry import RetryPolicy, failure_reason, may_retry, retry_delay
-from sidecar.upstream import send
+from sidecar.upstream import Attempt, send
 from sidecar.upstream.h1 import UpstreamPool
 from sidecar.vocab import BreakerState, Outcome, Reason, TimeoutKind
 
@@ -65,6 +70,18 @@ async def forward(
     pool: UpstreamPool,
 ) -> Exchange:
     """Make attempts until one answers, or retrying is no longer allowed or possible."""
+    trials: list[Trial] = []
+    try:
+        return await _attempts(ex, route, pool, trials)
+    finally:
+        # Whichever way the loop ended, the request's outcome is its last attempt's.
+        if trials:
+            trials[-1].request_done()
+
+
+async def _attempts(
+    ex: Exchange, route: RouteRuntimeLike, pool: UpstreamPool, trials: list[Trial]
+) -> Exchange:
     service = route.service
     policy = route.policy
     cluster = service.cluster
@@ -89,6 +106,7 @@ async def forward(
                 ex.refused = Reason.CIRCUIT_OPEN
                 ex.retry_after = exc.retry_after
             return ex
+        trials.append(trial)
 
         per_try = policy.per_try_timeout
         route_bound = per_try is None or per_try >= remaining
@@ -103,6 +121,7 @@ async def forward(
             body.chunks() if isinstance(body, StreamedBody) else body
         )
         endpoint.in_flight += 1
+        started = loop.time()
         try:
             attempt = await send(
                 pool,
@@ -125,11 +144,16 @@ async def forward(
         tried.append(endpoint)
 
         failed = attempt.kind is not Outcome.RESPONSE or breaker.is_failure_status(attempt.status)
-        if failed:
-            trial.failure(failure_reason(attempt))
+        if failed and app_caused(ex, attempt, started, timeout, per_try, loop.time()):
+            trial.ignore()
         else:
-            trial.success()
-        cluster.report(endpoint, not failed)
+            if failed:
+                trial.failure(failure_reason(attempt), attempt.kind)
+            else:
+                trial.success()
+            cluster.report(endpoint, not failed)
+            if attempt.kind is not Outcome.CONNECT_ERROR:
+                route.budget.record_attempt(failed)
         service.count_attempt(endpoint.key, attempt.result_label)
         if attempt.kind is Outcome.TIMEOUT:
             route.count_timeout(TimeoutKind.ROUTE if route_bound else TimeoutKind.PER_TRY)
@@ -150,3 +174,39 @@ async def forward(
         route.count_retry()
         if delay > 0:
             await asyncio.sleep(delay)
+
+
+def app_caused(
+    ex: Exchange,
+    attempt: Attempt,
+    started: float,
+    timeout: float,
+    per_try: float | None,
+    now: float,
+) -> bool:
+    """Whether a failed attempt's outcome is the app's doing, so that it counts for neither
+    the breaker, outlier detection nor the budget's throttle (it still counts in the
+    attempt and timeout metrics):
+
+    - the deadline passed while the sidecar was still waiting for the app's (streamed)
+      request body: the upstream could not have answered a request it had not received;
+    - it timed out, and only a per-request override (x-sidecar-timeout-ms) made the
+      attempt's timeout shorter than the route's own timeout and per-try timeout would.
+    """
+    kind = attempt.kind
+    if kind is not Outcome.TIMEOUT and kind is not Outcome.RESET:
+        return False
+    attempt_deadline = started + timeout
+    body = ex.body
+    if (
+        isinstance(body, StreamedBody)
+        and now >= attempt_deadline
+        and body.waiting_for_app_at(attempt_deadline)
+    ):
+        return True
+    if kind is Outcome.TIMEOUT and ex.route_deadline is not None:
+        own = ex.route_deadline - started
+        if per_try is not None:
+            own = min(own, per_try)
+        return timeout < own
+    return False

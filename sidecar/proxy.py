@@ -158,7 +158,17 @@ class Proxy:
         service.in_flight += 1
         try:
             return await self._proxy(
-                request, route, entry, rid, method, path, query, deadline, max_retries, host
+                request,
+                route,
+                entry,
+                rid,
+                method,
+                path,
+                query,
+                deadline,
+                max_retries,
+                host,
+                start + route.config.timeout,
             ), route
         finally:
             service.in_flight -= 1
@@ -175,6 +185,7 @@ class Proxy:
         deadline: float,
         max_retries: int,
         host: str | None,
+        route_deadline: float,
     ) -> web.StreamResponse:
         fault = route.fault
         if fault is not None:
@@ -221,6 +232,7 @@ class Proxy:
             deadline=deadline,
             max_retries=max_retries,
             host_header=_forwardable_host(host, request.headers.get("Host")),
+            route_deadline=route_deadline if route_deadline > deadline else None,
         )
         try:
             await forward(ex, route, self.pool)
