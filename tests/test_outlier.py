@@ -9,7 +9,7 @@ from support import addresses, endpoint_gauge, eventually, service, started
 
 from sidecar.cluster import Cluster
 from sidecar.cluster.outlier import OutlierDetector
-from sidecar.config.model import OutlierDetectionConfig, StaticDiscovery
+from sidecar.config.model import OutlierDetectionConfig, ServiceConfig, StaticDiscovery
 from sidecar.metrics import Metrics
 from sidecar.tasks import TaskOwner
 
@@ -182,3 +182,11 @@ async def test_state_survives_updates_and_removed_endpoints_are_forgotten() -> N
         await eventually(lambda: len(cluster._owner) == 0)  # no discovery task, no timer
     finally:
         await cluster.close()
+
+
+def test_outlier_detection_is_on_by_default() -> None:
+    assert service_defaults().outlier_detection == OutlierDetectionConfig()
+
+
+def service_defaults() -> ServiceConfig:
+    return ServiceConfig(name="orders", discovery=StaticDiscovery(FOUR[:1]))
