@@ -257,7 +257,7 @@ class BreakerMetricsListener(pybreaker.CircuitBreakerListener):
                 service,
                 from_state,
                 to_state,
-                breaker.trip_reason if from_state == BreakerState.CLOSED else "trial failed",
+                breaker.trip_reason if from_state == BreakerState.CLOSED else "half-open trial",
                 breaker.last_failure,
                 breaker.open_period,
                 extra=extra,
@@ -296,6 +296,7 @@ class ServiceBreaker:
         self._base_period = config.reset_timeout
         self._period_cap = max(config.open_period_cap, config.reset_timeout)
         # State.
+        self._state = BreakerState.CLOSED  # pybreaker's, mirrored by the tracker
         self._epoch = 0  # bumped on every state change
         self._since = wall()  # wall clock: shown to operators as a UNIX timestamp
         self._consecutive = 0  # failed requests in a row (closed)
@@ -405,6 +406,8 @@ class ServiceBreaker:
         totals = self._window.totals
         bucket[_CALLS] += 1
         totals[_CALLS] += 1
+        if not failed and not slow:
+            return  # the hot path: a success trips nothing
         if failed:
             bucket[_FAILURES] += 1
             totals[_FAILURES] += 1
@@ -475,6 +478,7 @@ class ServiceBreaker:
         self._cb.open()
 
     def _on_state_change(self, state: BreakerState) -> None:
+        self._state = state
         self._epoch += 1
         self._trials = 0
         self._successes = 0
@@ -500,7 +504,7 @@ class ServiceBreaker:
     def state(self) -> BreakerState:
         """closed, open or half_open. An open breaker whose period has ended reads open
         until the recovery task (or the next `admit()`) half-opens it, within moments."""
-        return _STATE_NAMES[self._cb.current_state]
+        return self._state
 
     @property
     def epoch(self) -> int:

@@ -105,8 +105,8 @@ class RetryBudget:
         Outcomes that do not count (the app's own short deadline, a slow request body) are
         not reported: they say nothing about the upstream.
         """
-        if not self.reserve:
-            return
+        if not self.reserve or (not failed and self._tokens >= self.reserve):
+            return  # no throttle, or the hot path: a success with the reserve full
         tokens = self._refilled()
         self._tokens = max(0.0, tokens - 1.0) if failed else min(self.reserve, tokens + 1.0)
 
