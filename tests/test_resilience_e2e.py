@@ -16,7 +16,7 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
-from helpers import free_port, read_head
+from helpers import free_port, read_head, sidecar_yaml
 from support import eventually
 from tuned import breaker, tuned_sidecar
 
@@ -618,3 +618,44 @@ async def test_outlier_detection_never_ejects_the_last_endpoint(upstream, sideca
     states = sorted(e["state"] for e in (await state(client, both))["endpoints"])
     assert states == ["ejected", "healthy"]  # one stays in rotation
     assert a.hits + b.hits == 20
+
+
+# -- reloads ---------------------------------------------------------------------------------
+
+
+async def test_reload_keeps_an_unchanged_services_recovery_and_stops_a_changed_ones(
+    upstream, sidecar, client
+) -> None:
+    dead = f"127.0.0.1:{free_port()}"
+    other = await upstream()
+
+    def body(threshold: int) -> str:
+        return f"""
+        services:
+          pay:
+            endpoints: ["{dead}"]
+            circuit_breaker: {{ failure_threshold: 1, reset_timeout: 60s }}
+          other:
+            endpoints: ["{other.address}"]
+            circuit_breaker: {{ failure_threshold: {threshold} }}
+        routes:
+          - {{ name: pay, match: {{ prefix: /pay }}, service: pay, retries: {{ max_retries: 0 }} }}
+          - {{ name: other, match: {{ prefix: /other }}, service: other }}
+        """
+
+    sc = await sidecar(body(5))
+    await get(client, f"{sc.url}/pay")
+    pay = sc.sidecar.runtime.services["pay"]
+    old_other = sc.sidecar.runtime.services["other"]
+    assert pay.breaker.state == "open"
+    await eventually(lambda: probes(sc, "failure") >= 1)  # pay's recovery task is probing
+
+    sc.config_path.write_text(sidecar_yaml(body(7), sc.listen, sc.admin))
+    async with client.post(f"{sc.admin_url}/admin/reload") as resp:
+        assert resp.status == 200
+    assert sc.sidecar.runtime.services["pay"] is pay  # unchanged: same breaker and task
+    assert len(pay.recovery._owner) == 1
+    before = probes(sc, "failure")
+    await eventually(lambda: probes(sc, "failure") > before)  # ... still probing
+    assert sc.sidecar.runtime.services["other"] is not old_other
+    assert len(old_other.recovery._owner) == 0  # the replaced service's task is gone
