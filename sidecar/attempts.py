@@ -4,17 +4,22 @@ One request becomes one or more attempts. The route deadline bounds all of them,
 included: no attempt starts without time left, and each attempt's timeout is the smaller
 of `per_try_timeout` and the time left. After each attempt:
 
-- its outcome is settled: the breaker records it (connect errors, resets, timeouts and
+- its outcome is judged: the breaker records it (connect errors, resets, timeouts and
   `failure_status` count as failures; a cancelled attempt counts as nothing, or re-opens
-  a half-open breaker), outlier detection hears how the endpoint did, and
-  sidecar_upstream_attempts_total counts it. The one attempt whose response is relayed to
-  the app is settled by the proxy once its body is through (`settle`), so a body that
-  breaks counts as the reset it is;
+  a half-open breaker), outlier detection hears how the endpoint did, and so does the
+  budget's throttle when the attempt reached an upstream; unless the outcome is the app's
+  doing (`app_caused`): then it counts for none of them. sidecar_upstream_attempts_total
+  counts every attempt. The one attempt whose response is relayed to the app is settled
+  by the proxy once its body is through (`settle`), so a body that breaks counts as the
+  reset it is;
 - the retry policy (`sidecar.resilience.retry`) says whether another attempt may follow,
   the budget whether the upstream may take it (retries after a connect failure are free:
   they add no load upstream), and the back-off whether it fits in the time left.
   Otherwise the last outcome is the answer: an upstream response is passed through
   unchanged.
+
+When the request is over, its last trial is told (`Trial.request_done`): the breaker's
+consecutive rule counts requests, not attempts.
 
 This is the only module of the request path that waits between attempts; the policy
 pieces it consults do no I/O. `sleep` is a parameter so the loop can be driven by a fake
@@ -25,7 +30,6 @@ from __future__ import annotations
 
 import asyncio
 import math
-import time
 from collections.abc import Awaitable, Callable
 from typing import Protocol
 
@@ -75,6 +79,19 @@ async def forward(
     When `ex.last` is a response, it is unsettled (`ex.unsettled`): the caller relays it
     and then calls `settle`.
     """
+    try:
+        return await _attempts(ex, route, sleep)
+    finally:
+        last = ex.last
+        # Whichever way the loop ended, the request's outcome is its last attempt's; an
+        # answer still being relayed is told when it is settled.
+        if last is not None and last.trial is not None and ex.unsettled is None:
+            last.trial.request_done()
+
+
+async def _attempts(
+    ex: Exchange, route: RouteRuntimeLike, sleep: Callable[[float], Awaitable[None]]
+) -> Exchange:
     service = route.service
     policy = route.policy
     cluster = service.cluster
@@ -118,11 +135,11 @@ async def forward(
             ex.content_length,
             ex.on_interim,
         )
-        started = time.perf_counter()
         endpoint.in_flight += 1
+        started = loop.time()
         try:
             if isinstance(ex.body, StreamedBody):
-                attempt = await _send_streamed(ex.body, client, endpoint, request, timeout, service)
+                attempt = await _send_streamed(client, endpoint, request, timeout, service)
             else:
                 attempt = await send(client, endpoint, request, timeout, service.connect_timeout)
         except asyncio.CancelledError:
@@ -130,17 +147,7 @@ async def forward(
             raise
         finally:
             endpoint.in_flight -= 1
-        body = ex.body
-        if attempt.kind is Outcome.TIMEOUT and isinstance(body, StreamedBody) and not body.finished:
-            # The app stalled its own upload: that says nothing about the upstream, so
-            # neither the breaker nor outlier detection hear of it.
-            trial.abandon()
-            route.count_timeout(TimeoutKind.ROUTE if route_bound else TimeoutKind.PER_TRY)
-            service.count_attempt(endpoint.key, attempt.result_label)
-            ex.last = attempt
-            return ex
         attempt.trial = trial
-        attempt.started = started
         if ex.last is not None:
             ex.last.release()
         ex.last = attempt
@@ -148,17 +155,20 @@ async def forward(
         if attempt.kind is Outcome.TIMEOUT:
             route.count_timeout(TimeoutKind.ROUTE if route_bound else TimeoutKind.PER_TRY)
 
-        if attempt.kind is Outcome.RESPONSE:
-            failed = breaker.is_failure_status(attempt.status)
-            if failed:
-                # Judged at once, so a failure that opens the breaker stops the retries.
-                _judge(service, attempt, failed=True)
+        if attempt.kind is Outcome.RESPONSE and not breaker.is_failure_status(attempt.status):
+            # A success: judged once it is clear whether it is the answer (settled after
+            # the relay, so a body that breaks counts as a reset) or retried (it is not).
+            ex.unsettled = attempt
+            return ex
+        if app_caused(ex, attempt, started, timeout, per_try, loop.time()):
+            trial.ignore()
         else:
-            failed = True
-            _judge(service, attempt, failed=True)
+            # Judged at once, so a failure that opens the breaker stops the retries.
+            _judge(route, attempt, failed=True)
+        if attempt.kind is not Outcome.RESPONSE:
             _count(service, attempt, broken=False)
 
-        retry = _retry_allowed(ex, attempt, route, breaker, loop.time()) if failed else None
+        retry = _retry_allowed(ex, attempt, route, breaker, loop.time())
         if retry is None:
             if attempt.kind is Outcome.RESPONSE:
                 ex.unsettled = attempt
@@ -173,7 +183,6 @@ async def forward(
 
 
 async def _send_streamed(
-    body: StreamedBody,
     client: UpstreamClient,
     endpoint: Endpoint,
     request: UpstreamRequest,
@@ -186,9 +195,7 @@ async def _send_streamed(
         async with asyncio.timeout(limit):
             return await send(client, endpoint, request, limit, service.connect_timeout)
     except TimeoutError:
-        stalled = "" if body.finished else " (the request body was still arriving)"
-        detail = f"no response within {limit * 1000:.0f}ms{stalled}"
-        return Attempt(Outcome.TIMEOUT, endpoint, detail=detail)
+        return Attempt(Outcome.TIMEOUT, endpoint, detail=f"no response within {limit * 1000:.0f}ms")
 
 
 def _retry_allowed(
@@ -218,19 +225,21 @@ def settle(ex: Exchange, route: RouteRuntimeLike, *, broken: bool) -> None:
     if attempt is None:
         return
     ex.unsettled = None
-    service = route.service
+    trial = attempt.trial
     if broken:
-        _judge(service, attempt, failed=True, detail="response body broke")
-    elif attempt.trial is not None and not attempt.trial.resolved:
-        _judge(service, attempt, failed=False)
-    _count(service, attempt, broken=broken)
+        _judge(route, attempt, failed=True, detail="response body broke")
+    elif trial is not None and not trial.resolved:
+        _judge(route, attempt, failed=False)
+    _count(route.service, attempt, broken=broken)
+    if trial is not None:
+        trial.request_done()
 
 
 def _judge(
-    service: ServiceRuntimeLike, attempt: Attempt, *, failed: bool, detail: str | None = None
+    route: RouteRuntimeLike, attempt: Attempt, *, failed: bool, detail: str | None = None
 ) -> None:
-    """The attempt's verdict for the breaker and outlier detection (once per attempt:
-    the breaker's trial ignores a second resolution)."""
+    """The attempt's verdict for the breaker, outlier detection and the budget's throttle
+    (once per attempt: a resolved trial means it was judged)."""
     trial = attempt.trial
     if trial is not None:
         if trial.resolved:
@@ -238,12 +247,50 @@ def _judge(
         if not failed:
             trial.success()
         elif detail is not None:
-            trial.failure(f"reset to {attempt.endpoint.key}: {detail}")
+            trial.failure(f"reset to {attempt.endpoint.key}: {detail}", Outcome.RESET)
         else:
-            trial.failure(failure_reason(attempt))
-    service.cluster.report(attempt.endpoint, not failed)
+            trial.failure(failure_reason(attempt), attempt.kind)
+    route.service.cluster.report(attempt.endpoint, not failed)
+    if attempt.kind is not Outcome.CONNECT_ERROR:
+        route.budget.record_attempt(failed)
 
 
 def _count(service: ServiceRuntimeLike, attempt: Attempt, *, broken: bool) -> None:
     """sidecar_upstream_attempts_total; a relayed body that broke counts as a reset."""
     service.count_attempt(attempt.endpoint.key, Outcome.RESET if broken else attempt.result_label)
+
+
+def app_caused(
+    ex: Exchange,
+    attempt: Attempt,
+    started: float,
+    timeout: float,
+    per_try: float | None,
+    now: float,
+) -> bool:
+    """Whether a failed attempt's outcome is the app's doing, so that it counts for neither
+    the breaker, outlier detection nor the budget's throttle (it still counts in the
+    attempt and timeout metrics):
+
+    - the deadline passed while the sidecar was still waiting for the app's (streamed)
+      request body: the upstream could not have answered a request it had not received;
+    - it timed out, and only a per-request override (x-sidecar-timeout-ms) made the
+      attempt's timeout shorter than the route's own timeout and per-try timeout would.
+    """
+    kind = attempt.kind
+    if kind is not Outcome.TIMEOUT and kind is not Outcome.RESET:
+        return False
+    attempt_deadline = started + timeout
+    body = ex.body
+    if (
+        isinstance(body, StreamedBody)
+        and now >= attempt_deadline
+        and body.waiting_for_app_at(attempt_deadline)
+    ):
+        return True
+    if kind is Outcome.TIMEOUT and ex.route_deadline is not None:
+        own = ex.route_deadline - started
+        if per_try is not None:
+            own = min(own, per_try)
+        return timeout < own
+    return False

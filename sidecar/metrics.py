@@ -11,11 +11,21 @@ import contextlib
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
 
+from sidecar.vocab import BreakerState, ProbeResult, TripReason
+
 # `_created` series double the exposition size and no dashboard or alert of ours reads them.
 disable_created_metrics()  # type: ignore[no-untyped-call]  # untyped upstream; takes no args
 
-BREAKER_STATES = ("closed", "open", "half_open")
+BREAKER_STATES = tuple(BreakerState)
 ENDPOINT_STATES = ("healthy", "unhealthy", "ejected")
+# The only transitions a breaker can make; their counters exist from start-up at 0 so that
+# `rate()` and `increase()` work from the first change on.
+BREAKER_TRANSITIONS = (
+    (BreakerState.CLOSED, BreakerState.OPEN),
+    (BreakerState.OPEN, BreakerState.HALF_OPEN),
+    (BreakerState.HALF_OPEN, BreakerState.OPEN),
+    (BreakerState.HALF_OPEN, BreakerState.CLOSED),
+)
 
 # Buckets from 1 ms to 30 s: a sidecar's requests span in-memory fail-fast to slow upstreams.
 DURATION_BUCKETS = (
@@ -95,6 +105,24 @@ class Metrics:
             ["service"],
             registry=r,
         )
+        self.breaker_trips = Counter(
+            "sidecar_circuit_breaker_trips_total",
+            "Breaker trips (closed -> open), by the rule that fired first.",
+            ["service", "reason"],
+            registry=r,
+        )
+        self.breaker_failure_rate = Gauge(
+            "sidecar_circuit_breaker_failure_rate",
+            "Share of failed attempts over the breaker's window (0..1, 0 when empty).",
+            ["service"],
+            registry=r,
+        )
+        self.breaker_probes = Counter(
+            "sidecar_circuit_breaker_probes_total",
+            "Recovery probes made while a breaker was open, by result.",
+            ["service", "result"],
+            registry=r,
+        )
         self.overloaded = Counter(
             "sidecar_overloaded_total",
             "Requests refused because max_requests were in flight.",
@@ -132,17 +160,30 @@ class Metrics:
         for s in BREAKER_STATES:
             self.breaker_state.labels(service, s).set(1 if s == state else 0)
 
+    def init_breaker_series(self, service: str) -> None:
+        """Create every breaker series of `service` at 0 (closed), before any traffic."""
+        self.set_breaker_state(service, BreakerState.CLOSED)
+        self.breaker_rejected.labels(service)
+        for from_state, to_state in BREAKER_TRANSITIONS:
+            self.breaker_transitions.labels(service, from_state, to_state)
+        for reason in TripReason:
+            self.breaker_trips.labels(service, reason)
+        for result in ProbeResult:
+            self.breaker_probes.labels(service, result)
+        self.breaker_failure_rate.labels(service).set(0)
+
     def set_endpoint_counts(self, service: str, counts: dict[str, int]) -> None:
-        for s in ENDPOINT_STATES:
-            self.endpoints.labels(service, s).set(counts.get(s, 0))
+        for e in ENDPOINT_STATES:
+            self.endpoints.labels(service, e).set(counts.get(e, 0))
 
     def forget_service(self, service: str) -> None:
         """Drop a removed service's per-service gauges so stale series do not linger."""
         for s in BREAKER_STATES:
             _remove(self.breaker_state, service, s)
-        for s in ENDPOINT_STATES:
-            _remove(self.endpoints, service, s)
+        for e in ENDPOINT_STATES:
+            _remove(self.endpoints, service, e)
         _remove(self.in_flight, service)
+        _remove(self.breaker_failure_rate, service)
 
 
 def _remove(metric: Gauge, *labels: str) -> None:

@@ -156,8 +156,10 @@ class Proxy:
             body=None,
             deadline=start + timeout,
             max_retries=max_retries,
-            deadline_from_app=timeout < route.config.timeout,
         )
+        route_deadline = start + route.config.timeout
+        if route_deadline > ex.deadline:  # an override shortened it: see Exchange
+            ex.route_deadline = route_deadline
         service.in_flight += 1
         try:
             await self._proxy(inbound, out, route, record, ex, host)
@@ -223,7 +225,8 @@ class Proxy:
             await self._failure(out, record, route, ex)
             return
         assert attempt.response is not None
-        broken = True
+        # An exception out of the relay (the app went away) is not the upstream's doing.
+        broken = False
         try:
             broken = await self._relay(inbound, out, attempt.response, ex, record, route)
         finally:

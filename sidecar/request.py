@@ -11,6 +11,7 @@ here knows about HTTP/1.1 or HTTP/2.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -38,21 +39,36 @@ class AccessRecord:
 class StreamedBody:
     """A request body too large to buffer: sent once, straight from the app."""
 
-    __slots__ = ("_inbound", "_prefix", "finished", "started")
+    __slots__ = ("_inbound", "_prefix", "_wait_ended", "_wait_started", "finished", "started")
 
     def __init__(self, inbound: Inbound, prefix: bytes = b"") -> None:
         self._inbound = inbound
         self._prefix = prefix  # what was read while deciding it was too large to buffer
         self.started = False
         self.finished = False  # the app sent all of it
+        # Loop times of the latest wait for the app's bytes (end None: still waiting).
+        self._wait_started: float | None = None
+        self._wait_ended: float | None = None
 
     async def chunks(self) -> AsyncIterator[bytes]:
         self.started = True
         if self._prefix:
             yield self._prefix
-        while chunk := await self._inbound.read_chunk():
+        loop = asyncio.get_running_loop()
+        while True:
+            self._wait_started, self._wait_ended = loop.time(), None
+            chunk = await self._inbound.read_chunk()
+            self._wait_ended = loop.time()
+            if not chunk:
+                self.finished = True
+                return
             yield chunk
-        self.finished = True
+
+    def waiting_for_app_at(self, when: float) -> bool:
+        """Whether the sidecar was waiting for the app's next body bytes at loop time
+        `when` (an attempt's deadline): then the app, not the upstream, was slow."""
+        start, end = self._wait_started, self._wait_ended
+        return start is not None and start <= when and (end is None or end >= when)
 
 
 @dataclass(slots=True)
@@ -73,9 +89,10 @@ class Exchange:
     last: Attempt | None = None
     refused: Reason | None = None  # circuit_open / no_healthy_upstream: no attempt could start
     retry_after: float | None = None
-    # The app's own override (x-sidecar-timeout-ms) made the deadline shorter than the
-    # route's: a timeout then says nothing about the upstream.
-    deadline_from_app: bool = False
+    # The deadline the route's own timeout gives, when a per-request override (e.g.
+    # x-sidecar-timeout-ms) set an earlier `deadline`; None otherwise. A timeout only the
+    # override caused is the app's doing: it counts for neither breaker nor ejection.
+    route_deadline: float | None = None
     # The last attempt, when it is a response still being relayed: its outcome for the
     # breaker, outlier detection and metrics is settled once the body is through.
     unsettled: Attempt | None = None

@@ -19,6 +19,7 @@ from typing import Any
 from prometheus_client.metrics import Counter
 
 from sidecar.cluster import Cluster
+from sidecar.cluster.recovery import Recovery
 from sidecar.config.model import RouteConfig, ServiceConfig, SidecarConfig
 from sidecar.metrics import Metrics
 from sidecar.resilience.breaker import ServiceBreaker
@@ -41,6 +42,10 @@ class ServiceRuntime:
         self.client = client  # the wire client for this service's protocol
         self.cluster = Cluster(config, metrics, on_removed=client.forget)
         self.breaker = ServiceBreaker(config.name, config.circuit_breaker, metrics)
+        cluster = self.cluster
+        self.recovery = Recovery.for_service(
+            config, self.breaker, lambda: cluster.endpoints, metrics
+        )
         self.in_flight = 0
         self._metrics = metrics
         # Read when Prometheus scrapes, so the request path only touches a plain int.
@@ -58,8 +63,10 @@ class ServiceRuntime:
 
     async def start(self) -> None:
         await self.cluster.start()
+        self.recovery.start()
 
     async def close(self) -> None:
+        await self.recovery.close()
         await self.cluster.close()
         self.breaker.close()
 

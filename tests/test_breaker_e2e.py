@@ -137,13 +137,23 @@ async def test_failed_trial_reopens(upstream, sidecar, client):
     assert up.hits == 2
 
 
-async def test_retry_loop_stops_once_the_breaker_opens(upstream, sidecar, client):
+async def test_retries_of_one_request_are_one_failed_request(upstream, sidecar, client):
+    # Changed with the request-level consecutive rule: a request's retries used to count
+    # as consecutive failures on their own (two attempts opened a threshold-2 breaker);
+    # now a request fails once, when its last attempt fails. (The failure-rate rule, which
+    # counts attempts, is what stops a request mid-retries: test_resilience_e2e.py.)
     up = await upstream(Switch(503).handler)
     sc = await sidecar(breaker_config(up.address, "failure_threshold: 2", retries="max_retries: 5"))
     async with client.get(f"{sc.url}/x") as resp:
         assert resp.status == 503
-        assert resp.headers["x-sidecar-attempts"] == "2"
-    assert up.hits == 2
+        assert resp.headers["x-sidecar-attempts"] == "6"
+    assert (await state_of(client, sc))["state"] == "closed"
+    async with client.get(f"{sc.url}/x") as resp:
+        assert resp.headers["x-sidecar-attempts"] == "6"
+    assert (await state_of(client, sc))["state"] == "open"
+    async with client.get(f"{sc.url}/x") as resp:
+        assert resp.headers["x-sidecar-error"] == "circuit_open"
+    assert up.hits == 12
 
 
 async def test_4xx_never_opens_the_breaker(upstream, sidecar, client):

@@ -9,7 +9,7 @@ from support import addresses, endpoint_gauge, eventually, service, started
 
 from sidecar.cluster import Cluster
 from sidecar.cluster.outlier import OutlierDetector
-from sidecar.config.model import OutlierDetectionConfig, StaticDiscovery
+from sidecar.config.model import OutlierDetectionConfig, ServiceConfig, StaticDiscovery
 from sidecar.metrics import Metrics
 from sidecar.tasks import TaskOwner
 
@@ -79,24 +79,49 @@ async def test_max_ejection_percent_is_honoured() -> None:
         assert cluster.pick() is not None
 
 
-async def test_ejection_is_refused_at_zero_percent_and_for_the_last_available_endpoint() -> None:
-    off = service(StaticDiscovery(FOUR[:1]), outlier_detection=outlier(failures=1, percent=0))
+async def test_ejection_is_refused_at_zero_percent() -> None:
+    off = service(StaticDiscovery(FOUR[:2]), outlier_detection=outlier(failures=1, percent=0))
     async with started(off) as cluster:
         cluster.report(cluster.endpoints[0], False)
         assert cluster.endpoints[0].state == "healthy"
-    # Any percentage above 0 may eject one endpoint, but never the last available one.
-    one = service(StaticDiscovery(FOUR[:1]), outlier_detection=outlier(failures=1, percent=10))
-    async with started(one) as cluster:
-        for _ in range(3):
-            cluster.report(cluster.endpoints[0], False)
-        assert cluster.endpoints[0].state == "healthy"
-        assert cluster.pick() is cluster.endpoints[0]
-    two = service(StaticDiscovery(FOUR[:2]), outlier_detection=outlier(failures=1, percent=100))
-    async with started(two) as cluster:
-        a, b = cluster.endpoints
-        cluster.report(a, False)
-        cluster.report(b, False)
-        assert (a.state, b.state) == ("ejected", "healthy")
+
+
+async def test_a_one_endpoint_service_is_never_ejected() -> None:
+    # Changed with outlier detection on by default: ejecting the only endpoint turned a
+    # failing service into no_healthy_upstream for everyone; it now stays in rotation and
+    # the circuit breaker, which sees the whole service, judges it.
+    metrics = Metrics()
+    one = service(StaticDiscovery(FOUR[:1]), outlier_detection=outlier(failures=1, percent=100))
+    async with started(one, metrics) as cluster:
+        (only,) = cluster.endpoints
+        for _ in range(20):
+            cluster.report(only, False)
+        assert only.state == "healthy"
+        assert only.ejection.ejections == 0
+        assert cluster.pick() is only
+        assert endpoint_gauge(metrics, "ejected") == 0
+
+
+async def test_with_every_endpoint_failing_one_stays_available() -> None:
+    cfg = service(StaticDiscovery(FOUR), outlier_detection=outlier(failures=1, percent=100))
+    async with started(cfg) as cluster:
+        for _ in range(5):
+            for e in cluster.endpoints:
+                cluster.report(e, False)
+        states = [e.state for e in cluster.endpoints]
+        assert states.count("ejected") == 3
+        assert states.count("healthy") == 1
+        assert cluster.pick() is not None
+
+
+async def test_the_last_available_endpoint_is_kept_when_the_others_are_unhealthy() -> None:
+    cfg = service(StaticDiscovery(FOUR[:2]), outlier_detection=outlier(failures=1, percent=100))
+    async with started(cfg) as cluster:
+        sick, last = cluster.endpoints
+        sick.health.healthy = False  # as active health checks would mark it
+        cluster.report(last, False)
+        assert last.state == "healthy"
+        assert cluster.pick() is last
 
 
 async def test_failing_endpoint_is_ejected_once_there_is_room() -> None:
@@ -134,6 +159,7 @@ def test_ejection_time_multiplies_and_is_capped() -> None:
     assert short.ejection_time(20) == 3.0  # 10 x ejection_time
     long = OutlierDetector("orders", outlier(ejection=600), TaskOwner("t"), lambda: None)
     assert long.ejection_time(3) == 600  # never shorter than one ejection_time
+    # The percentage's share (at least one); the last-available rule applies on top.
     assert [detector.max_ejected(n) for n in (0, 1, 2, 3, 4, 5)] == [0, 1, 1, 1, 2, 2]
 
 
@@ -157,3 +183,11 @@ async def test_state_survives_updates_and_removed_endpoints_are_forgotten() -> N
         await eventually(lambda: len(cluster._owner) == 0)  # noqa: SLF001
     finally:
         await cluster.close()
+
+
+def test_outlier_detection_is_on_by_default() -> None:
+    assert service_defaults().outlier_detection == OutlierDetectionConfig()
+
+
+def service_defaults() -> ServiceConfig:
+    return ServiceConfig(name="orders", discovery=StaticDiscovery(FOUR[:1]))

@@ -9,11 +9,15 @@ Semantics (close to Envoy's consecutive-5xx detector):
   `ejection_time` and at 300 s (or at `ejection_time` itself if that is longer). The
   ejection count resets once the endpoint has stayed in for a full cap since it came back.
 - At most `max_ejection_percent` of the service's endpoints are ejected at once, rounded
-  down, but at least one when the percentage is above 0 (so a small service can still shed
-  its one bad endpoint); 0 turns ejection off. The last available (healthy, not ejected)
-  endpoint is never ejected: outlier detection is on by default, and ejecting a service's
-  only endpoint would turn a flaky upstream into no upstream. A failing endpoint that
-  could not be ejected is ejected on its next failure once there is room.
+  down, but at least one when the percentage is above 0 (so a two-endpoint service can
+  still shed its bad one); 0 turns ejection off. A failing endpoint that could not be
+  ejected is ejected on its next failure once there is room.
+- Never the last available endpoint: an endpoint is ejected only if another one stays
+  available (healthy and not ejected). A one-endpoint service is never ejected, and a
+  service whose endpoints all fail keeps one in rotation. Ejecting the last one would
+  turn a failing service into `no_healthy_upstream` for everyone, hiding the upstream's
+  own answers and leaving the circuit breaker (which sees the whole service) nothing to
+  judge; Envoy reaches the same end through its panic threshold.
 - A timer task (owned by the cluster's TaskOwner) brings the endpoint back when its time
   is up, with a fresh run of failures; metrics update at both ends.
 - Failures reported while an endpoint is ejected (attempts that were already in flight)
