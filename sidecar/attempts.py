@@ -35,6 +35,7 @@ from typing import Protocol
 
 from sidecar.cluster import Cluster
 from sidecar.endpoint import Endpoint
+from sidecar.grpc import Status, format_timeout, parse_status
 from sidecar.request import Exchange, StreamedBody
 from sidecar.resilience.breaker import CircuitOpen, ServiceBreaker
 from sidecar.resilience.budget import RetryBudget
@@ -122,15 +123,19 @@ async def _attempts(
         route_bound = per_try is None or per_try >= remaining
         timeout = remaining if route_bound or per_try is None else per_try
         ex.attempts += 1
+        headers = [
+            *ex.headers,
+            ("x-sidecar-attempt", str(ex.attempts)),
+            ("x-sidecar-timeout-ms", str(max(1, math.floor(timeout * 1000)))),
+        ]
+        if ex.grpc:
+            # The upstream learns the attempt's own deadline, as gRPC servers expect.
+            headers.append(("grpc-timeout", format_timeout(timeout)))
         request = UpstreamRequest(
             ex.method,
             ex.target,
             ex.authority or endpoint.key,
-            [
-                *ex.headers,
-                ("x-sidecar-attempt", str(ex.attempts)),
-                ("x-sidecar-timeout-ms", str(max(1, math.floor(timeout * 1000)))),
-            ],
+            headers,
             ex.body_for_attempt(),
             ex.content_length,
             ex.on_interim,
@@ -155,7 +160,7 @@ async def _attempts(
         if attempt.kind is Outcome.TIMEOUT:
             route.count_timeout(TimeoutKind.ROUTE if route_bound else TimeoutKind.PER_TRY)
 
-        if attempt.kind is Outcome.RESPONSE and not breaker.is_failure_status(attempt.status):
+        if attempt.kind is Outcome.RESPONSE and not _failed_head(breaker, attempt):
             # A success: judged once it is clear whether it is the answer (settled after
             # the relay, so a body that breaks counts as a reset) or retried (it is not).
             ex.unsettled = attempt
@@ -219,6 +224,14 @@ def _retry_allowed(
     return delay
 
 
+def _failed_head(breaker: ServiceBreaker, attempt: Attempt) -> bool:
+    """Whether a response head already says the attempt failed: a `failure_status`, or
+    a Trailers-Only gRPC answer whose status is in `failure_grpc_status`."""
+    return breaker.is_failure_status(attempt.status) or breaker.is_failure_grpc_status(
+        attempt.head_grpc_status
+    )
+
+
 def settle(ex: Exchange, route: RouteRuntimeLike, *, broken: bool) -> None:
     """Record the relayed attempt's outcome, once its body is through (or broke)."""
     attempt = ex.unsettled
@@ -229,10 +242,26 @@ def settle(ex: Exchange, route: RouteRuntimeLike, *, broken: bool) -> None:
     if broken:
         _judge(route, attempt, failed=True, detail="response body broke")
     elif trial is not None and not trial.resolved:
-        _judge(route, attempt, failed=False)
+        trailer_status = _trailer_grpc_status(attempt) if ex.grpc else None
+        if trailer_status is None or not route.service.breaker.is_failure_grpc_status(
+            trailer_status
+        ):
+            _judge(route, attempt, failed=False)
+        elif trailer_status == Status.DEADLINE_EXCEEDED and ex.route_deadline is not None:
+            # The app's own grpc-timeout (shorter than the route's) ran out upstream.
+            trial.ignore()
+        else:
+            _judge(route, attempt, failed=True)
     _count(route.service, attempt, broken=broken)
     if trial is not None:
         trial.request_done()
+
+
+def _trailer_grpc_status(attempt: Attempt) -> int | None:
+    response = attempt.response
+    if response is None or response.trailers is None:
+        return None
+    return parse_status(response.trailers.get("grpc-status"))
 
 
 def _judge(
@@ -278,6 +307,12 @@ def app_caused(
       attempt's timeout shorter than the route's own timeout and per-try timeout would.
     """
     kind = attempt.kind
+    if kind is Outcome.RESPONSE:
+        # A gRPC DEADLINE_EXCEEDED under a deadline only the app's own grpc-timeout (or
+        # override) made shorter than the route's: the upstream kept the app's deadline.
+        return (
+            ex.route_deadline is not None and attempt.head_grpc_status == Status.DEADLINE_EXCEEDED
+        )
     if kind is not Outcome.TIMEOUT and kind is not Outcome.RESET:
         return False
     attempt_deadline = started + timeout

@@ -50,6 +50,12 @@ PROXY_STATUS: Final = {
 }
 
 
+def proxy_status(reason: Reason, error_type: str | None = None) -> str:
+    """The RFC 9209 `Proxy-Status` value of a sidecar-made error."""
+    kind = error_type or PROXY_STATUS.get(reason, "proxy_internal_error")
+    return f'sidecar; error={kind}; details="{reason}"'
+
+
 class Answer(NamedTuple):
     """A complete answer: status, headers in order, body."""
 
@@ -77,12 +83,11 @@ def error_answer(
     retry_after: int | None = None,
     proxy_error: str | None = None,
 ) -> Answer:
-    error_type = proxy_error or PROXY_STATUS.get(reason, "proxy_internal_error")
     headers = [
         ("Content-Type", "application/json"),
         ("x-sidecar-error", reason),
         ("x-sidecar-attempts", str(attempts)),
-        ("Proxy-Status", f'sidecar; error={error_type}; details="{reason}"'),
+        ("Proxy-Status", proxy_status(reason, proxy_error)),
     ]
     if request_id is not None:
         headers.append(("x-request-id", request_id))

@@ -69,6 +69,12 @@ class Metrics:
             ["service", "endpoint", "result"],
             registry=r,
         )
+        self.grpc_responses = Counter(
+            "sidecar_grpc_responses_total",
+            "gRPC calls answered to the app, by final gRPC status.",
+            ["route", "service", "grpc_code"],
+            registry=r,
+        )
         self.retries = Counter(
             "sidecar_retries_total",
             "Retries made after a first attempt.",

@@ -23,6 +23,16 @@ from typing import Final
 from sidecar import errors
 from sidecar.attempts import forward, settle
 from sidecar.config.model import FallbackConfig
+from sidecar.grpc import (
+    Status,
+    encode_message,
+    error_trailers,
+    is_grpc,
+    parse_status,
+    parse_timeout,
+    status_for_reason,
+    status_of,
+)
 from sidecar.http.base import Inbound, Responder
 from sidecar.logs import AccessLog
 from sidecar.request import AccessRecord, Exchange, StreamedBody
@@ -61,6 +71,7 @@ class Proxy:
         start = asyncio.get_running_loop().time()
         self.in_flight += 1
         record = AccessRecord(inbound.method)
+        record.grpc = is_grpc(inbound.headers.get("content-type"))
         route: RouteRuntime | None = None
         try:
             route = await self._serve(inbound, out, record, start)
@@ -78,6 +89,8 @@ class Proxy:
             if route is not None:
                 route.count_request(record.status)
                 route.m_duration.observe(duration)
+                if record.grpc_code is not None:
+                    route.count_grpc(record.grpc_code)
             self.access_log.emit(record)
 
     async def wait_idle(self) -> None:
@@ -138,6 +151,18 @@ class Proxy:
         except ValueError as exc:
             await self._error(out, record, Reason.BAD_REQUEST, route, detail=str(exc))
             return route
+        if record.grpc:
+            if service.config.protocol != "h2c":
+                detail = (
+                    f"service {service.name} speaks {service.config.protocol}; "
+                    "gRPC needs protocol: h2c"
+                )
+                await self._error(out, record, Reason.BAD_REQUEST, route, detail=detail)
+                return route
+            # The app's deadline lowers the route's, never raises it.
+            client_timeout = parse_timeout(headers.get("grpc-timeout"))
+            if client_timeout is not None:
+                timeout = min(timeout, client_timeout)
 
         if service.in_flight >= service.max_requests:
             service.m_overloaded.inc()
@@ -156,6 +181,7 @@ class Proxy:
             body=None,
             deadline=start + timeout,
             max_retries=max_retries,
+            grpc=record.grpc,
         )
         route_deadline = start + route.config.timeout
         if route_deadline > ex.deadline:  # an override shortened it: see Exchange
@@ -181,7 +207,7 @@ class Proxy:
             delay = fault.delay()
             if delay is not None:
                 await asyncio.sleep(delay)
-            status = fault.abort()
+            status = fault.abort(record.grpc)
             if status is not None:
                 await self._error(
                     out,
@@ -193,7 +219,12 @@ class Proxy:
                 )
                 return
 
-        if inbound.has_body:  # most requests have none: no timer to arm and cancel
+        if record.grpc and inbound.has_body:
+            # gRPC streams both ways: the body goes up as it comes (a bidi call's never
+            # ends before its answer starts), kept for a retry while it fits the limit.
+            keep = route.config.retries.max_body_bytes if ex.max_retries else 0
+            ex.body = StreamedBody(inbound, keep=keep)
+        elif inbound.has_body:  # most requests have none: no timer to arm and cancel
             try:
                 loop = asyncio.get_running_loop()
                 async with asyncio.timeout(max(0.0, ex.deadline - loop.time())):
@@ -247,6 +278,8 @@ class Proxy:
         headers.append(("x-sidecar-attempts", str(ex.attempts)))
         headers.append(("x-request-id", record.request_id or ""))
         status = upstream.status
+        if ex.grpc:
+            return await self._relay_grpc(out, upstream, headers, ex, record, route)
         length = upstream.content_length
         bodyless = inbound.method == "HEAD" or status in NO_BODY_STATUSES
         if bodyless or (length is not None and length <= SMALL_BODY):
@@ -264,10 +297,74 @@ class Proxy:
                 )
                 return True
             record.status = status
-            await out.send_whole(status, upstream.reason, headers, body, bodyless=bodyless)
+            trailers = upstream.trailers
+            if not trailers:
+                await out.send_whole(status, upstream.reason, headers, body, bodyless=bodyless)
+                return False
+            # Trailers need the streamed form (HTTP/2 sends them; HTTP/1.1 drops them).
+            await out.start(status, upstream.reason, headers)
+            if body:
+                await out.write(body)
+            await out.finish(trailers.items())
             return False
         record.status = status
         await out.start(status, upstream.reason, headers)
+        return await self._stream_body(out, upstream, record, route)
+
+    async def _relay_grpc(
+        self,
+        out: Responder,
+        upstream: UpstreamResponse,
+        headers: list[tuple[str, str]],
+        ex: Exchange,
+        record: AccessRecord,
+        route: RouteRuntime,
+    ) -> bool:
+        """A gRPC answer: always streamed (messages flow as they come), trailers and all;
+        a Trailers-Only answer stays one head that ends the stream. The call's deadline
+        covers the whole stream: past it the call ends with DEADLINE_EXCEEDED."""
+        status = upstream.status
+        record.status = status
+        head_status = parse_status(upstream.headers.get("grpc-status"))
+        if head_status is not None:
+            try:
+                body = await upstream.read(route.body_idle_timeout)
+            except (TimeoutError, OSError) as exc:
+                await self._error(out, record, Reason.UPSTREAM_RESET, route, detail=str(exc))
+                return True
+            record.grpc_code = head_status
+            if not body:
+                await out.send_whole(status, None, headers, b"", bodyless=False)
+                return False
+            await out.start(status, None, headers)
+            await out.write(body)
+            await out.finish(upstream.trailers.items() if upstream.trailers else None)
+            return False
+        await out.start(status, None, headers)
+        try:
+            async with asyncio.timeout_at(ex.deadline):
+                broken = await self._stream_body(out, upstream, record, route)
+        except TimeoutError:
+            route.count_timeout(TimeoutKind.ROUTE)
+            record.error = Reason.TIMEOUT
+            record.grpc_code = Status.DEADLINE_EXCEEDED
+            message = encode_message("timeout: the call's deadline passed during the stream")
+            await out.finish([("grpc-status", "4"), ("grpc-message", message)])
+            return False
+        if broken:
+            # The app's stream was reset: gRPC clients report that as INTERNAL.
+            record.grpc_code = Status.INTERNAL
+        else:
+            trailers = upstream.trailers
+            record.grpc_code = status_of(
+                status, trailers.get("grpc-status") if trailers is not None else None
+            )
+        return broken
+
+    async def _stream_body(
+        self, out: Responder, upstream: UpstreamResponse, record: AccessRecord, route: RouteRuntime
+    ) -> bool:
+        """Relay the body and trailers after the head; True if the upstream broke."""
         try:
             async for chunk in upstream.iter_chunks(route.body_idle_timeout):
                 await out.write(chunk)
@@ -293,7 +390,7 @@ class Proxy:
         if attempt is None:
             reason = ex.refused or Reason.NO_HEALTHY_UPSTREAM
             fallback = route.config.fallback
-            if fallback is not None:
+            if fallback is not None and not record.grpc:
                 record.error = reason
                 record.status = fallback.status
                 await _send_fallback(out, fallback, record.request_id or "", ex.attempts, reason)
@@ -343,18 +440,52 @@ class Proxy:
         retry_after: int | None = None,
     ) -> None:
         record.error = reason
+        attempts = attempts if attempts is not None else record.attempts
+        if record.grpc:
+            code = status if reason is Reason.FAULT_INJECTED and status is not None else None
+            await self._grpc_error(out, record, reason, detail, attempts, code, retry_after)
+            return
         answer = errors.error_answer(
             reason,
             route=route.name if route else None,
             service=route.service_name if route else None,
             detail=detail,
             status=status,
-            attempts=attempts if attempts is not None else record.attempts,
+            attempts=attempts,
             request_id=record.request_id,
             retry_after=retry_after,
         )
         record.status = answer.status
         await out.send_whole(answer.status, None, answer.headers, answer.body, bodyless=False)
+
+    async def _grpc_error(
+        self,
+        out: Responder,
+        record: AccessRecord,
+        reason: Reason,
+        detail: str | None,
+        attempts: int,
+        fault_status: int | None,
+        retry_after: int | None,
+    ) -> None:
+        """The sidecar's own answer to a gRPC call: Trailers-Only (HTTP 200, one head
+        that ends the stream) with grpc-status, grpc-message and x-sidecar-error."""
+        extra = [
+            ("x-sidecar-attempts", str(attempts)),
+            ("x-request-id", record.request_id or ""),
+            ("proxy-status", errors.proxy_status(reason)),
+        ]
+        if retry_after is not None:
+            extra.append(("retry-after", str(retry_after)))
+        kwargs = {} if fault_status is None else {"fault_status": fault_status}
+        headers = error_trailers(reason, detail, extra=extra, **kwargs)
+        record.status = 200
+        record.grpc_code = (
+            status_for_reason(reason)
+            if fault_status is None
+            else status_for_reason(reason, fault_status)
+        )
+        await out.send_whole(200, None, headers, b"", bodyless=False)
 
 
 async def _request_body(

@@ -26,6 +26,7 @@ class AccessRecord:
     """The access log's line for one request (docs/contract.md, "Logs")."""
 
     method: str
+    grpc: bool = False  # a gRPC call (content-type application/grpc...)
     request_id: str | None = None
     route: str | None = None
     service: str | None = None
@@ -34,26 +35,61 @@ class AccessRecord:
     attempts: int = 0
     duration_ms: float = 0.0
     error: str | None = None  # a Reason, or the reason a relayed answer broke
+    grpc_code: int | None = None  # a gRPC call's final status, as the app saw it
 
 
 class StreamedBody:
-    """A request body too large to buffer: sent once, straight from the app."""
+    """A request body sent as it arrives, straight from the app.
 
-    __slots__ = ("_inbound", "_prefix", "_wait_ended", "_wait_started", "finished", "started")
+    With `keep` > 0 (gRPC calls, which stream both ways and cannot wait for the whole
+    body), what was sent is also kept, up to `keep` bytes, so a retry can send it again:
+    then the body stays replayable while it is within that bound. Without it the body is
+    sent once (it is larger than a route lets the sidecar buffer).
+    """
 
-    def __init__(self, inbound: Inbound, prefix: bytes = b"") -> None:
+    __slots__ = (
+        "_inbound",
+        "_keep",
+        "_kept",
+        "_kept_bytes",
+        "_prefix",
+        "_wait_ended",
+        "_wait_started",
+        "finished",
+        "started",
+    )
+
+    def __init__(self, inbound: Inbound, prefix: bytes = b"", *, keep: int = 0) -> None:
         self._inbound = inbound
         self._prefix = prefix  # what was read while deciding it was too large to buffer
+        self._keep = keep
+        # What was sent so far, while within `keep`; None once it is not (or never kept).
+        self._kept: list[bytes] | None = None
+        self._kept_bytes = len(prefix)
+        if keep > 0:
+            self._kept = [prefix] if prefix else []
         self.started = False
         self.finished = False  # the app sent all of it
         # Loop times of the latest wait for the app's bytes (end None: still waiting).
         self._wait_started: float | None = None
         self._wait_ended: float | None = None
 
+    @property
+    def replayable(self) -> bool:
+        """Whether another attempt can send this body whole: nothing of it went out
+        yet, or all that went out was kept."""
+        return not self.started or self._kept is not None
+
     async def chunks(self) -> AsyncIterator[bytes]:
-        self.started = True
-        if self._prefix:
-            yield self._prefix
+        kept = self._kept
+        if self.started and kept is not None:
+            # A retry: first what the earlier attempt sent, then the rest as it comes.
+            for piece in list(kept):
+                yield piece
+        else:
+            self.started = True
+            if self._prefix:
+                yield self._prefix
         loop = asyncio.get_running_loop()
         while True:
             self._wait_started, self._wait_ended = loop.time(), None
@@ -62,6 +98,13 @@ class StreamedBody:
             if not chunk:
                 self.finished = True
                 return
+            kept = self._kept
+            if kept is not None:
+                self._kept_bytes += len(chunk)
+                if self._kept_bytes <= self._keep:
+                    kept.append(chunk)
+                else:
+                    self._kept = None  # too large to replay: this is its only attempt
             yield chunk
 
     def waiting_for_app_at(self, when: float) -> bool:
@@ -84,6 +127,7 @@ class Exchange:
     authority: str | None = None  # None: send the endpoint's address as Host
     content_length: int | None = None  # of a streamed body, when the app declared one
     on_interim: InterimSink | None = None  # where 1xx answers (103 Early Hints) go
+    grpc: bool = False  # a gRPC call: grpc-timeout per attempt, statuses in trailers
     attempts: int = 0
     retries: int = 0
     last: Attempt | None = None
@@ -98,9 +142,10 @@ class Exchange:
     unsettled: Attempt | None = None
 
     def body_replayable(self) -> bool:
-        """Whether the body can be sent again: buffered, absent, or streamed but unread."""
+        """Whether the body can be sent again: buffered, absent, or streamed but unread
+        (or kept whole while it streamed)."""
         body = self.body
-        return not (isinstance(body, StreamedBody) and body.started)
+        return not isinstance(body, StreamedBody) or body.replayable
 
     def body_for_attempt(self) -> Body:
         body = self.body

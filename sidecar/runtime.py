@@ -21,6 +21,7 @@ from prometheus_client.metrics import Counter
 from sidecar.cluster import Cluster
 from sidecar.cluster.recovery import Recovery
 from sidecar.config.model import RouteConfig, ServiceConfig, SidecarConfig
+from sidecar.grpc import code_name
 from sidecar.metrics import Metrics
 from sidecar.resilience.breaker import ServiceBreaker
 from sidecar.resilience.budget import RetryBudget
@@ -99,12 +100,21 @@ class RouteRuntime:
         self.m_budget_exhausted = metrics.retry_budget_exhausted.labels(*labels)
         self.m_timeouts = {kind: metrics.timeouts.labels(*labels, kind) for kind in TimeoutKind}
         self._requests: dict[int, Counter] = {}
+        self._grpc: dict[int, Counter] = {}
 
     def count_request(self, status: int) -> None:
         child = self._requests.get(status)
         if child is None:
             child = self._metrics.requests.labels(self.name, self.service_name, str(status))
             self._requests[status] = child
+        child.inc()
+
+    def count_grpc(self, code: int) -> None:
+        child = self._grpc.get(code)
+        if child is None:
+            name = code_name(code)
+            child = self._metrics.grpc_responses.labels(self.name, self.service_name, name)
+            self._grpc[code] = child
         child.inc()
 
     def count_retry(self) -> None:

@@ -26,6 +26,8 @@ from sidecar.admin import admin_runner
 from sidecar.config import ConfigError, SidecarConfig, load_config
 from sidecar.http.compat import ProxyServer, set_shutdown_timeout
 from sidecar.http.h1server import H1Handler
+from sidecar.http.h2server import H2Server
+from sidecar.http.sniff import SniffingFactory
 from sidecar.logs import AccessLog, LineWriter, setup_logging
 from sidecar.metrics import Metrics
 from sidecar.proxy import Proxy
@@ -34,6 +36,7 @@ from sidecar.runtime import Runtime
 from sidecar.tasks import TaskOwner
 from sidecar.upstream.base import UpstreamClient
 from sidecar.upstream.h1 import UpstreamPool
+from sidecar.upstream.h2 import H2Pool
 
 log = logging.getLogger("sidecar.server")
 
@@ -63,6 +66,10 @@ class Sidecar:
         self._proxy: Proxy | None = None
         self._pool: UpstreamPool | None = None
         self._proxy_runner: web.ServerRunner | None = None
+        self._listener: asyncio.Server | None = None
+        self._listen_factory: SniffingFactory | None = None
+        self._h2: H2Server | None = None
+        self._h2_pool: H2Pool | None = None
         self._admin_runner: web.AppRunner | None = None
         self._reload_lock = asyncio.Lock()
         self._stopping = asyncio.Event()
@@ -86,12 +93,13 @@ class Sidecar:
 
     def _clients(self) -> dict[str, UpstreamClient]:
         """The wire client for each `protocol` a service may name (shared by reloads)."""
-        assert self._pool is not None
-        return {"http1": self._pool}
+        assert self._pool is not None and self._h2_pool is not None
+        return {"http1": self._pool, "h2c": self._h2_pool}
 
     async def start(self) -> None:
         config = self.config
         self._pool = UpstreamPool()
+        self._h2_pool = H2Pool(config.http2)
         self._runtime = Runtime(config, self.metrics, self._clients())
         await self._runtime.start_new()
         self._proxy = Proxy(self._runtime, AccessLog(self._log_writer))
@@ -113,13 +121,17 @@ class Sidecar:
         )
         self._proxy_runner = web.ServerRunner(server, shutdown_timeout=config.drain_timeout)
         await self._proxy_runner.setup()
-        await web.TCPSite(
-            self._proxy_runner,
+        # One port, two protocols: each connection's first bytes say whether it speaks
+        # HTTP/2 (the prior-knowledge preface) or HTTP/1.1 (aiohttp's server takes it).
+        self._h2 = H2Server(self._proxy.serve, config.http2)
+        self._listen_factory = SniffingFactory(server, self._h2, timeout=HEAD_TIMEOUT)
+        self._listener = await asyncio.get_running_loop().create_server(
+            self._listen_factory,
             config.listen.host,
             config.listen.port,
             backlog=1024,
             reuse_address=True,
-        ).start()
+        )
 
         if config.register is not None:
             self.registration = Registration(config.register)
@@ -151,8 +163,12 @@ class Sidecar:
                 log.exception("deregistration failed")
         runner = self._proxy_runner
         if runner is not None:
-            for site in list(runner.sites):
-                await site.stop()  # closes the listening socket; connections stay
+            if self._listener is not None:
+                self._listener.close()  # closes the listening socket; connections stay
+            if self._h2 is not None:
+                self._h2.goaway()  # HTTP/2 clients take new calls elsewhere
+            if self._listen_factory is not None:
+                self._listen_factory.close_undecided()
             loop = asyncio.get_running_loop()
             deadline = loop.time() + self.config.drain_timeout
             if proxy is not None:
@@ -161,6 +177,8 @@ class Sidecar:
                         await proxy.wait_idle()
             if proxy is not None and proxy.in_flight:
                 log.warning("drain timeout: %d requests still in flight are cut", proxy.in_flight)
+            if self._h2 is not None:
+                await self._h2.close()  # cuts what is left and awaits every stream task
             # What is left of the drain window; never 0, which aiohttp reads as "no limit".
             set_shutdown_timeout(runner, deadline - loop.time())
             await runner.cleanup()
@@ -170,6 +188,8 @@ class Sidecar:
             await self._runtime.close_all()
         if self._pool is not None:
             await self._pool.close()
+        if self._h2_pool is not None:
+            await self._h2_pool.close()
         if self._admin_runner is not None:
             await self._admin_runner.cleanup()
         log.info("stopped")

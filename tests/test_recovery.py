@@ -213,7 +213,7 @@ def test_for_service_picks_the_probes_the_config_asks_for() -> None:
     checked = build(health_check=HealthCheckConfig(path="/ready"))
     assert checked.probe_for_evidence() is not None  # the health check, even before a trip
     grpc = build(health_check=HealthCheckConfig(grpc=True))
-    assert grpc.probe_for_evidence() is None  # a gRPC health check is not an HTTP GET
+    assert grpc.probe_for_evidence() is not None  # gRPC's Health/Check, over h2c
     off = build(circuit_breaker=CircuitBreakerConfig(probe=None))
     assert off.interval is None and off.probe_for_evidence() is None
     fast = build(circuit_breaker=CircuitBreakerConfig(probe=ProbeConfig(interval=0.1)))

@@ -1,11 +1,12 @@
-"""Active health checks: GET `path` on every endpoint of a service, every `interval`.
+"""Active health checks: GET `path` (or, with `grpc: true`, gRPC's Health/Check) on every
+endpoint of a service, every `interval`.
 
-A 2xx answer within `timeout` passes; anything else (another status, a connect error, a
-reset, a timeout) fails. A healthy endpoint turns unhealthy after `unhealthy_threshold`
-failures in a row, and back after `healthy_threshold` passes in a row. New endpoints start
-healthy, so a fresh discovery result takes traffic at once.
+A 2xx answer (gRPC: OK and SERVING) within `timeout` passes; anything else (another
+status, a connect error, a reset, a timeout) fails. A healthy endpoint turns unhealthy
+after `unhealthy_threshold` failures in a row, and back after `healthy_threshold` passes
+in a row. New endpoints start healthy, so a fresh discovery result takes traffic at once.
 
-Each check is one `http_probe` (sidecar.cluster.probes): a new connection of its own,
+Each check is one `health_check` (sidecar.cluster.probes): a new connection of its own,
 never the proxy's, with keep-alive off, so a pass also proves the endpoint still accepts
 connections. Each round checks every endpoint concurrently, then sleeps `interval`.
 """
@@ -17,7 +18,7 @@ import logging
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
-from sidecar.cluster.probes import http_check
+from sidecar.cluster.probes import health_check
 from sidecar.config.model import HealthCheckConfig
 
 if TYPE_CHECKING:
@@ -53,9 +54,9 @@ class HealthChecker:
             await asyncio.sleep(self.config.interval)
 
     async def _probe(self, endpoint: Endpoint) -> bool:
-        outcome = await http_check(endpoint.address, self.config.path, self.config.timeout)
+        outcome = await health_check(self.config, endpoint.address)
         if not outcome.ok:
-            log.debug("health check %s%s: %s", endpoint.key, self.config.path, outcome.detail)
+            log.debug("health check of %s: %s", endpoint.key, outcome.detail)
         return outcome.ok
 
     def record(self, endpoint: Endpoint, ok: bool) -> bool:

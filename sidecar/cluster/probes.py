@@ -7,14 +7,20 @@ proves that the endpoint still accepts connections, and closes it when done.
 
     http_probe(address, path, timeout)   GET `path`; a 2xx response head passes
     tcp_probe(address, timeout)          the TCP handshake completes; closed at once
+    grpc_health_check(address, service, timeout)
+                                         grpc.health.v1.Health/Check over h2c: passes
+                                         when the answer is OK with status SERVING
+    health_check(config, address)        the check a service's `health_check` asks for
 
 Both return a plain bool and never raise for anything the network does (refused, reset,
 unreachable, a timeout, an answer that is not HTTP); `timeout` bounds the whole probe,
 connect included. Cancellation propagates as usual. `http_check` is `http_probe` with the
 reason, for callers that log it.
 
-gRPC health checking (`grpc.health.v1.Health/Check`) needs an HTTP/2 client and is not
-here.
+The gRPC check (grpc/grpc `doc/health-checking.md`) uses a throwaway h2c client
+(`sidecar.upstream.h2.H2Pool`) and encodes the two one-field protobuf messages by hand:
+`HealthCheckRequest{string service = 1}` and `HealthCheckResponse{ServingStatus status =
+1}`, SERVING being 1.
 """
 
 from __future__ import annotations
@@ -24,13 +30,19 @@ import contextlib
 from dataclasses import dataclass
 from typing import Final
 
-from sidecar.config.model import Address
+from sidecar.config.model import Address, HealthCheckConfig
+from sidecar.endpoint import Endpoint
+from sidecar.grpc import GRPC_CONTENT_TYPE, format_timeout, parse_status
+from sidecar.upstream.base import UpstreamError, UpstreamRequest
+from sidecar.upstream.h2 import H2Pool
 
 # A probe reads only the response head; one larger than this is not a health answer.
 MAX_HEAD_BYTES: Final = 64 << 10
 # Interim (1xx) heads tolerated before the final one.
 MAX_INTERIM: Final = 8
 USER_AGENT: Final = "sidecar-probe"
+GRPC_HEALTH_PATH: Final = "/grpc.health.v1.Health/Check"
+SERVING: Final = 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,3 +137,102 @@ async def _close(writer: asyncio.StreamWriter) -> None:
     with contextlib.suppress(OSError, TimeoutError):
         async with asyncio.timeout(1.0):
             await writer.wait_closed()
+
+
+async def health_check(config: HealthCheckConfig, address: Address) -> ProbeOutcome:
+    """The check a service's `health_check` asks for: gRPC's or a GET of its path."""
+    if config.grpc:
+        return await grpc_health_check(address, config.grpc_service, config.timeout)
+    return await http_check(address, config.path, config.timeout)
+
+
+async def grpc_health_check(
+    address: Address,
+    service: str,
+    timeout: float,  # noqa: ASYNC109 - the check's own setting, as above
+) -> ProbeOutcome:
+    """`grpc.health.v1.Health/Check` for `service` ("" is the whole server) over one new
+    h2c connection; passes when the call is OK and the status is SERVING."""
+    name = service.encode()
+    message = (b"\x0a" + _varint(len(name)) + name) if name else b""
+    request = UpstreamRequest(
+        "POST",
+        GRPC_HEALTH_PATH,
+        str(address),
+        [("content-type", GRPC_CONTENT_TYPE), ("grpc-timeout", format_timeout(timeout))],
+        b"\x00" + len(message).to_bytes(4, "big") + message,
+    )
+    pool = H2Pool()
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    try:
+        response = await pool.request(
+            Endpoint(address), request, connect_timeout=timeout, deadline=deadline
+        )
+        try:
+            async with asyncio.timeout_at(deadline):
+                body = await response.read()
+        finally:
+            response.release()
+        fields = response.trailers if response.trailers is not None else response.headers
+        code = parse_status(fields.get("grpc-status"))
+        if code != 0:
+            return ProbeOutcome(False, f"grpc-status {code}")
+        status = _serving_status(body)
+        return ProbeOutcome(status == SERVING, f"serving status {status}")
+    except TimeoutError:
+        return ProbeOutcome(False, f"timed out after {timeout:g}s")
+    except (UpstreamError, OSError, ValueError) as exc:
+        return ProbeOutcome(False, str(exc) or type(exc).__name__)
+    finally:
+        await pool.close()
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte = n & 0x7F
+        n >>= 7
+        if n:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)
+
+
+def _serving_status(body: bytes) -> int:
+    """The `status` field of a framed HealthCheckResponse (0, UNKNOWN, when absent)."""
+    if len(body) < 5 or body[0] != 0:
+        raise ValueError("not an uncompressed gRPC message")
+    size = int.from_bytes(body[1:5], "big")
+    message = body[5 : 5 + size]
+    if len(message) != size:
+        raise ValueError("truncated gRPC message")
+    i = 0
+    status = 0
+    while i < len(message):
+        tag = message[i]
+        i += 1
+        if tag == 0x08:  # field 1, varint
+            status, i = _read_varint(message, i)
+        elif tag & 0x07 == 0:  # another varint field
+            _, i = _read_varint(message, i)
+        elif tag & 0x07 == 2:  # a length-delimited field
+            length, i = _read_varint(message, i)
+            i += length
+        else:
+            raise ValueError(f"unexpected protobuf wire type in field tag {tag}")
+    return status
+
+
+def _read_varint(data: bytes, i: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        if i >= len(data) or shift > 63:
+            raise ValueError("broken protobuf varint")
+        byte = data[i]
+        i += 1
+        value |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return value, i
+        shift += 7

@@ -94,11 +94,10 @@ class Recovery:
         tcp_probe: Probe | None = None
         if interval is not None:
             hc = config.health_check
-            if hc is not None and not hc.grpc:
-                path, hc_timeout = hc.path, hc.timeout
+            if hc is not None:
 
                 async def health_probe(address: Address) -> bool:
-                    return await probes.http_probe(address, path, hc_timeout)
+                    return (await probes.health_check(hc, address)).ok
 
             tcp_timeout = min(config.connect_timeout, interval)
 

@@ -566,6 +566,10 @@ class ServiceBreaker:
         """Whether an upstream status counts as a failed attempt (`failure_status`)."""
         return status in self.config.failure_status
 
+    def is_failure_grpc_status(self, status: int | None) -> bool:
+        """Whether a gRPC answer's status counts as a failure (`failure_grpc_status`)."""
+        return status is not None and status in self.config.failure_grpc_status
+
     def retry_after(self) -> float | None:
         """Seconds a call arriving now would be told to wait, or None if it would be admitted."""
         state = self.state

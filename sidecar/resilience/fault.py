@@ -27,12 +27,13 @@ class FaultInjector:
             return None
         return delay.duration
 
-    def abort(self) -> int | None:
-        """The status to abort this request with, or None."""
+    def abort(self, grpc: bool = False) -> int | None:
+        """The status to abort this request with, or None: for a gRPC call its
+        `grpc_status` (answered Trailers-Only), for any other request the HTTP `status`."""
         abort = self.config.abort
         if abort is None or not self._fires(abort.percent):
             return None
-        return abort.status
+        return abort.grpc_status if grpc else abort.status
 
     def _fires(self, percent: float) -> bool:
         if percent <= 0:

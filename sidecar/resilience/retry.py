@@ -32,6 +32,7 @@ class RetryPolicy:
     __slots__ = (
         "backoff_base",
         "backoff_max",
+        "grpc_statuses",
         "max_retries",
         "non_idempotent",
         "on_connect_failure",
@@ -48,6 +49,7 @@ class RetryPolicy:
         self.on_reset = RETRY_RESET in config.retry_on
         self.on_per_try_timeout = RETRY_PER_TRY_TIMEOUT in config.retry_on
         self.statuses = frozenset(s for s in config.retry_on if isinstance(s, int))
+        self.grpc_statuses = config.retry_on_grpc
         self.non_idempotent = config.non_idempotent
         self.backoff_base = config.backoff.base
         self.backoff_max = config.backoff.max
@@ -60,7 +62,12 @@ class RetryPolicy:
         if not self.non_idempotent and method not in IDEMPOTENT_METHODS:
             return False
         if kind is Outcome.RESPONSE:
-            return attempt.status in self.statuses
+            if attempt.status in self.statuses:
+                return True
+            # Only a status in the head (a Trailers-Only answer) can be retried: one in
+            # the trailers comes after the answer's messages have reached the app.
+            grpc_status = attempt.head_grpc_status
+            return grpc_status is not None and grpc_status in self.grpc_statuses
         if kind is Outcome.RESET:
             return self.on_reset
         return kind is Outcome.TIMEOUT and self.on_per_try_timeout

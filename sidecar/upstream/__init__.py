@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Final
 from multidict import CIMultiDictProxy
 
 from sidecar.endpoint import Endpoint
+from sidecar.grpc import parse_status
 from sidecar.upstream.base import ConnectFailed, UpstreamClient, UpstreamRequest, UpstreamResponse
 from sidecar.vocab import Outcome
 
@@ -59,6 +60,7 @@ _REQUEST_SPECIAL: Final = (
             "x-forwarded-host",
             "expect",  # answered by the sidecar itself; the upstream gets the body at once
             "content-length",  # the client frames the body it sends itself
+            "grpc-timeout",  # re-issued per attempt with the attempt's own timeout
         }
     )
 )
@@ -147,6 +149,13 @@ class Attempt:
     @property
     def status(self) -> int:
         return self.response.status if self.response is not None else 0
+
+    @property
+    def head_grpc_status(self) -> int | None:
+        """The `grpc-status` of a response head (a Trailers-Only answer), if any."""
+        if self.response is None:
+            return None
+        return parse_status(self.response.headers.get("grpc-status"))
 
     @property
     def result_label(self) -> str:

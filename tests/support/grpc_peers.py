@@ -21,6 +21,8 @@ import h2.config
 import h2.connection
 import h2.events
 import h2.settings
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_async
 from h2.errors import ErrorCodes
 
 SERVICE = "test.Echo"
@@ -139,11 +141,24 @@ class EchoService:
         )
 
 
+class Health:
+    """The server's real grpc.health.v1 service (grpcio-health-checking)."""
+
+    def __init__(self) -> None:
+        self.servicer = health_async.HealthServicer()
+
+    async def set(self, service: str, status: str) -> None:
+        """`status`: SERVING, NOT_SERVING, ... (HealthCheckResponse.ServingStatus)."""
+        value = health_pb2.HealthCheckResponse.ServingStatus.Value(status)
+        await self.servicer.set(service, value)
+
+
 @dataclass
 class GrpcServer:
     server: grpc.aio.Server
     port: int
     service: EchoService
+    health: Health
 
     @property
     def address(self) -> str:
@@ -152,14 +167,16 @@ class GrpcServer:
 
 @contextlib.asynccontextmanager
 async def grpc_server(**options: Any) -> AsyncIterator[GrpcServer]:
-    """A grpcio asyncio server with `test.Echo` on a free loopback port."""
+    """A grpcio asyncio server with `test.Echo` and grpc.health.v1 on a free loopback port."""
     service = EchoService()
+    health = Health()
     server = grpc.aio.server(options=list(options.items()))
     server.add_generic_rpc_handlers((service.handler(),))
+    health_pb2_grpc.add_HealthServicer_to_server(health.servicer, server)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     try:
-        yield GrpcServer(server, port, service)
+        yield GrpcServer(server, port, service, health)
     finally:
         await server.stop(0)
 
