@@ -130,6 +130,7 @@ class AccessLog:
         route, service, error = record.route, record.service, record.error
         line = (
             f'{{"request_id":{enc(record.request_id or "")},'
+            f'"trace_id":{enc(record.trace_id or "")},'
             f'"route":{"null" if route is None else enc(route)},'
             f'"service":{"null" if service is None else enc(service)},'
             f'"method":{enc(record.method)},"path":{enc(record.path or "")},'

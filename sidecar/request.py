@@ -28,6 +28,7 @@ class AccessRecord:
     method: str
     grpc: bool = False  # a gRPC call (content-type application/grpc...)
     request_id: str | None = None
+    trace_id: str | None = None
     route: str | None = None
     service: str | None = None
     path: str | None = None

@@ -56,6 +56,7 @@ async def test_forwards_method_path_query_headers_and_body(upstream, sidecar, cl
         "x-forwarded-for",
         "x-forwarded-proto",
         "x-forwarded-host",
+        "traceparent",  # the app sent none, so the sidecar started a trace
     }
 
 

@@ -21,6 +21,7 @@ from multidict import CIMultiDictProxy
 
 from sidecar.endpoint import Endpoint
 from sidecar.grpc import parse_status
+from sidecar.tracing import TraceContext
 from sidecar.upstream.base import ConnectFailed, UpstreamClient, UpstreamRequest, UpstreamResponse
 from sidecar.vocab import Outcome
 
@@ -46,6 +47,7 @@ SIDECAR_REQUEST_HEADERS: Final = frozenset({"x-sidecar-timeout-ms", "x-sidecar-m
 
 
 _EMPTY: Final = frozenset[str]()
+_TRACE_FIELDS: Final = frozenset({"traceparent", "tracestate"})
 _RESPONSE_DROPPED: Final = HOP_BY_HOP | frozenset({"x-request-id", "x-sidecar-attempts"})
 # Request headers the loop below replaces or drops; one set lookup decides for most names.
 _REQUEST_SPECIAL: Final = (
@@ -61,6 +63,8 @@ _REQUEST_SPECIAL: Final = (
             "expect",  # answered by the sidecar itself; the upstream gets the body at once
             "content-length",  # the client frames the body it sends itself
             "grpc-timeout",  # re-issued per attempt with the attempt's own timeout
+            "traceparent",  # kept, or replaced by a new trace (sidecar.tracing)
+            "tracestate",
         }
     )
 )
@@ -78,6 +82,7 @@ def request_headers(
     *,
     request_id: str,
     client_ip: str | None,
+    trace: TraceContext,
 ) -> tuple[list[tuple[str, str]], str | None]:
     """End-to-end headers for the upstream request, and the app's Host.
 
@@ -95,10 +100,14 @@ def request_headers(
                 original_host = value
             elif lname == "x-forwarded-for":
                 xff = value if xff is None else f"{xff}, {value}"
+            elif lname in _TRACE_FIELDS and not trace.replaced:
+                kept.append((name, value))  # a valid trace goes on as received
             continue
         if lname.startswith("proxy-") or (extra and lname in extra):
             continue
         kept.append((name, value))
+    if trace.replaced:
+        kept.append(("traceparent", trace.traceparent))
     kept.append(("X-Request-Id", request_id))
     if client_ip:
         kept.append(("X-Forwarded-For", f"{xff}, {client_ip}" if xff else client_ip))
