@@ -46,6 +46,7 @@ class ServiceRuntimeLike(Protocol):
     cluster: Cluster
     breaker: ServiceBreaker
     connect_timeout: float
+    idle_timeout: float
 
     def count_attempt(self, endpoint: str, result: str) -> None: ...
 
@@ -116,6 +117,7 @@ async def forward(
             ex.body_for_attempt(),
             ex.content_length,
             ex.on_interim,
+            service.idle_timeout,
         )
         started = time.perf_counter()
         endpoint.in_flight += 1

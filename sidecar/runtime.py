@@ -37,6 +37,7 @@ class ServiceRuntime:
         self.name = config.name
         self.max_requests = config.max_requests
         self.connect_timeout = config.connect_timeout
+        self.idle_timeout = config.idle_timeout
         self.cluster = Cluster(config, metrics)
         self.breaker = ServiceBreaker(config.name, config.circuit_breaker, metrics)
         self.in_flight = 0

@@ -32,6 +32,7 @@ from sidecar.proxy import Proxy
 from sidecar.registration import Registration
 from sidecar.runtime import Runtime
 from sidecar.tasks import TaskOwner
+from sidecar.upstream.base import UpstreamClient
 from sidecar.upstream.h1 import UpstreamPool
 
 log = logging.getLogger("sidecar.server")
@@ -51,8 +52,17 @@ def _malformed_request(status: int, detail: str) -> web.StreamResponse:
 class Sidecar:
     """One running sidecar: listeners, runtime, reload and drain."""
 
-    def __init__(self, config: SidecarConfig, *, log_writer: LineWriter | None = None) -> None:
+    def __init__(
+        self,
+        config: SidecarConfig,
+        *,
+        log_writer: LineWriter | None = None,
+        upstream_client: Callable[[], UpstreamClient] = UpstreamPool,
+    ) -> None:
         self.config = config
+        # Makes the HTTP/1.1 upstream client at start; the conformance tests pass
+        # sidecar.upstream.reference.ReferenceClient to hold both clients to one suite.
+        self._upstream_client = upstream_client
         self.metrics = Metrics()
         self.ready = False
         self.draining = False
@@ -60,7 +70,7 @@ class Sidecar:
         self._log_writer = log_writer
         self._runtime: Runtime | None = None
         self._proxy: Proxy | None = None
-        self._pool: UpstreamPool | None = None
+        self._pool: UpstreamClient | None = None
         self._proxy_runner: web.ServerRunner | None = None
         self._admin_runner: web.AppRunner | None = None
         self._reload_lock = asyncio.Lock()
@@ -79,7 +89,7 @@ class Sidecar:
 
     async def start(self) -> None:
         config = self.config
-        self._pool = UpstreamPool()
+        self._pool = self._upstream_client()
         self._runtime = Runtime(config, self.metrics)
         await self._runtime.start_new()
         self._proxy = Proxy(self._runtime, self._pool, AccessLog(self._log_writer))
