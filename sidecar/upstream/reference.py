@@ -16,8 +16,9 @@ aiohttp's exceptions are mapped to the seam's errors here, once:
     ClientConnectorDNSError   ResolveFailed (a ConnectFailed)
     ClientConnectorError      ConnectFailed
     any other ClientError,
-    a status outside 200..599
-    or a 101                  UpstreamBroken
+    a status outside 200..599,
+    a 101, or a control
+    character in the head     UpstreamBroken (aiohttp lets the last three through)
 
 Known differences from the h1 client (each is a case in the conformance suite): aiohttp
 drops 1xx interim responses instead of forwarding them, keeps no trailers, ignores an
@@ -29,6 +30,7 @@ reuses a connection after HEAD.
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import AsyncIterator
 from typing import Final
 
@@ -48,6 +50,8 @@ from sidecar.upstream.h1.pool import DEFAULT_IDLE_TIMEOUT
 from sidecar.upstream.h1.resolver import DNS_TTL, ResolveFailed
 
 _SKIP_AUTO_HEADERS: Final = ("Accept", "Accept-Encoding", "User-Agent", "Content-Type")
+_CONTROL: Final = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+_CONTROL_BYTES: Final = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 
 
 def _broken(exc: BaseException) -> UpstreamBroken:
@@ -171,6 +175,13 @@ class ReferenceClient:
         if status == 101 or not 200 <= status <= 599:
             response.close()
             raise UpstreamBroken(f"upstream status {status} is not a final answer to relay")
+        # aiohttp's client accepts control characters in values and the reason phrase;
+        # relayed, they would make a malformed head for the app.
+        if _CONTROL.search(response.reason or "") or any(
+            _CONTROL_BYTES.search(value) for _, value in response.raw_headers
+        ):
+            response.close()
+            raise UpstreamBroken("upstream head has a control character in a value or reason")
         return ReferenceResponse(response)
 
     def forget(self, endpoint: Endpoint) -> None:

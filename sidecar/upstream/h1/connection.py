@@ -134,6 +134,7 @@ class H1Connection(asyncio.Protocol):
         self._parser = httptools.HttpResponseParser(self)
         self._state = _IDLE
         self._head: asyncio.Future[H1Response] | None = None
+        self._ready: H1Response | None = None  # the final head, handed over after this read
         self._response: H1Response | None = None
         self._on_interim: InterimSink | None = None
         self._is_head = False
@@ -185,6 +186,15 @@ class H1Connection(asyncio.Protocol):
             # this connection's framing can no longer be trusted.
             self.poisoned = True
             self.close()
+        response = self._ready
+        if response is not None:
+            # The head is handed over only once the whole read is parsed: an error in the
+            # same bytes (a bad first chunk) then fails the attempt cleanly (502), instead
+            # of breaking a response already relayed.
+            self._ready = None
+            head = self._head
+            if head is not None and not head.done():
+                head.set_result(response)
 
     def _feed_head(self, data: memoryview) -> None:
         """Feed a head no further than its room: llhttp never holds more of one head
@@ -342,9 +352,7 @@ class H1Connection(asyncio.Protocol):
             response.until_eof = False
             if self._is_head:
                 self._finish()
-        head = self._head
-        if head is not None and not head.done():
-            head.set_result(response)
+        self._ready = response
 
     def _interim_head(self, status: int) -> None:
         if status == 101:
@@ -538,6 +546,7 @@ class H1Connection(asyncio.Protocol):
             drain.exception()  # retrieved: nobody may be waiting any more
 
     def _fail(self, exc: UpstreamError | TimeoutError) -> None:
+        self._ready = None
         head = self._head
         if head is not None and not head.done():
             head.set_exception(exc)
