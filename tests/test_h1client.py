@@ -742,3 +742,15 @@ async def test_idle_limits_per_request_and_from_keep_alive():
             assert keep_alive_limit("timeout=nope") is None
         finally:
             await pool.close()
+
+
+async def test_an_interim_response_without_a_known_reason_is_relayed_well_formed(sidecar):
+    # Found by the fuzz: a 1xx other than 103 went out as `HTTP/1.1 102`, without the SP
+    # that RFC 9112 requires after the code.
+    raw = b"HTTP/1.1 102 Processing\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+    async with scripted_upstream(lambda r: raw) as up:
+        sc = await sidecar(one_service(up.address, route_extra=NO_RETRY))
+        answer = await call(sc.listen, "/api")
+    assert answer.violations == []
+    assert [status for status, _ in answer.interim] == [102]
+    assert (answer.status, answer.body) == (200, b"ok")

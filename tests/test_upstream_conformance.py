@@ -498,3 +498,36 @@ async def test_a_streamed_upload_that_is_answered_after_it_ends(
             assert await resp.read() == b"got %d" % (32 * 65536)
     expected = b"".join([b"%05d" % i + b"u" * 65531 for i in range(32)])
     assert up.requests[0].body == expected
+
+
+# --------------------------------------------------------------------------- stray bytes
+
+
+async def test_a_late_stray_response_reaches_nobody(sidecar, client_kind: str) -> None:
+    # The upstream answers, then (after the sidecar pooled the connection) sends a second,
+    # unrequested response. h1 closes a pooled connection that receives any byte, so the
+    # next request gets its own answer. aiohttp's client keeps the stray response and
+    # hands it to the next request on that connection: another request's answer, cookie
+    # included. (The fuzz found this; it is the leak the h1 client had with trailers.)
+    stray = (
+        b"HTTP/1.1 200 OK\r\n" + STRAY + b"Set-Cookie: s=stolen\r\nContent-Length: 5\r\n\r\nstray"
+    )
+
+    def answer(request: SeenRequest) -> Reply | bytes:
+        if request.target == "/api/case":
+            return Reply(pieces=[cl(b"mine"), stray], pause=0.05)
+        return response(200, b"next:" + request.target.encode(), [("X-Next", "mine")])
+
+    async with scripted_upstream(answer) as up:
+        sc = await sidecar(
+            one_service(up.address, route_extra=NO_RETRY), upstream_client=CLIENTS[client_kind]
+        )
+        first = await call(sc.listen, "/api/case")
+        await asyncio.sleep(0.2)  # the stray response arrives while the connection is idle
+        second = await call(sc.listen, "/api/next")
+    assert (first.status, first.body) == (200, b"mine")
+    if client_kind == "h1":
+        _check_next(second)
+        assert [r.connection for r in up.requests] == [1, 2]
+    else:
+        assert (second.body, second.header("Set-Cookie")) == (b"stray", "s=stolen")
