@@ -14,7 +14,7 @@ hundred cases a canary request must still be served normally, and at the end not
 left in flight. Many cases share one sidecar and one upstream, so pooled connections
 carry cases after one another: that is where leaks between responses would show.
 
-    make test                                  2,000 cases, seed 20261201 (about 30 s)
+    make test                                  2,000 cases, seed 20261201 (a few seconds)
     SIDECAR_FUZZ_CASES=200000 SIDECAR_FUZZ_SEED=7 .venv/bin/pytest tests/test_upstream_fuzz.py
     SIDECAR_FUZZ_CLIENT=reference ...          the same against aiohttp's client
 
