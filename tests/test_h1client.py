@@ -19,8 +19,8 @@ from sidecar.config import load_config
 from sidecar.config.model import Address
 from sidecar.endpoint import Endpoint
 from sidecar.server import Sidecar
-from sidecar.upstream.base import ConnectFailed, UpstreamRequest
-from sidecar.upstream.h1 import HostCache, UpstreamPool
+from sidecar.upstream.base import ConnectFailed, UpstreamBroken, UpstreamRequest
+from sidecar.upstream.h1 import MAX_HEAD_BYTES, HostCache, UpstreamPool
 from sidecar.upstream.h1.connection import keep_alive_limit
 
 NO_RETRY = "retries: { max_retries: 0 }"
@@ -754,3 +754,64 @@ async def test_an_interim_response_without_a_known_reason_is_relayed_well_formed
     assert answer.violations == []
     assert [status for status, _ in answer.interim] == [102]
     assert (answer.status, answer.body) == (200, b"ok")
+
+
+def _head_of(size: int) -> bytes:
+    """A response head of exactly `size` bytes (its blank line included), then `ok`."""
+    start, end = b"HTTP/1.1 200 OK\r\nX-Pad: ", b"\r\nContent-Length: 2\r\n\r\n"
+    return start + b"p" * (size - len(start) - len(end)) + end
+
+
+@pytest.mark.parametrize("pieces", [1, 700], ids=["one-read", "700-reads"])
+async def test_the_head_limit_is_exact(pieces):
+    async def fetch(raw: bytes) -> int:
+        step = -(-len(raw) // pieces)
+        reply = Reply(pieces=[raw[i : i + step] for i in range(0, len(raw), step)], after="close")
+        async with scripted_upstream(lambda r: reply) as up:
+            pool = UpstreamPool()
+            try:
+                loop = asyncio.get_running_loop()
+                resp = await pool.request(
+                    Endpoint(Address("127.0.0.1", up.port)),
+                    UpstreamRequest("GET", "/", "x", []),
+                    connect_timeout=1,
+                    deadline=loop.time() + 10,
+                )
+                assert await resp.read() == b"ok"
+                resp.release()
+                return resp.status
+            except UpstreamBroken as exc:
+                assert "head over 65536 bytes" in str(exc)
+                return 502
+            finally:
+                await pool.close()
+
+    assert await fetch(_head_of(MAX_HEAD_BYTES) + b"ok") == 200
+    assert await fetch(_head_of(MAX_HEAD_BYTES + 1) + b"ok") == 502
+
+
+async def test_oversized_trailers_break_the_body():
+    trailer = b"X-T: " + b"t" * 70_000 + b"\r\n"
+    reply = Reply(
+        pieces=[
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n",
+            b"0\r\n" + trailer,
+        ],
+        pause=0.05,
+        after="hang",
+    )
+    async with scripted_upstream(lambda r: reply) as up:
+        pool = UpstreamPool()
+        try:
+            loop = asyncio.get_running_loop()
+            resp = await pool.request(
+                Endpoint(Address("127.0.0.1", up.port)),
+                UpstreamRequest("GET", "/", "x", []),
+                connect_timeout=1,
+                deadline=loop.time() + 5,
+            )
+            with pytest.raises(UpstreamBroken, match="over 65536 bytes"):
+                await resp.read(idle_timeout=5)
+            resp.release()
+        finally:
+            await pool.close()

@@ -172,7 +172,11 @@ class H1Connection(asyncio.Protocol):
                 # llhttp never joins a giant trailer value or chunk extension.
                 self._stall += len(data)
                 if self._stall > MAX_HEAD_BYTES:
-                    self._fail(UpstreamBroken("upstream chunk framing or trailers over 64 KiB"))
+                    self._fail(
+                        UpstreamBroken(
+                            f"upstream chunk framing or trailers over {MAX_HEAD_BYTES} bytes"
+                        )
+                    )
             else:
                 self._stall = 0
         elif state == _HEAD:
