@@ -52,6 +52,7 @@ class ServiceRuntimeLike(Protocol):
     breaker: ServiceBreaker
     client: UpstreamClient
     connect_timeout: float
+    idle_timeout: float
 
     def count_attempt(self, endpoint: str, result: str) -> None: ...
 
@@ -139,6 +140,7 @@ async def _attempts(
             ex.body_for_attempt(),
             ex.content_length,
             ex.on_interim,
+            service.idle_timeout,
         )
         endpoint.in_flight += 1
         started = loop.time()

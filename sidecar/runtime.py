@@ -40,6 +40,7 @@ class ServiceRuntime:
         self.name = config.name
         self.max_requests = config.max_requests
         self.connect_timeout = config.connect_timeout
+        self.idle_timeout = config.idle_timeout
         self.client = client  # the wire client for this service's protocol
         self.cluster = Cluster(config, metrics, on_removed=client.forget)
         self.breaker = ServiceBreaker(config.name, config.circuit_breaker, metrics)

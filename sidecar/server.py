@@ -55,8 +55,17 @@ def _malformed_request(status: int, detail: str) -> web.StreamResponse:
 class Sidecar:
     """One running sidecar: listeners, runtime, reload and drain."""
 
-    def __init__(self, config: SidecarConfig, *, log_writer: LineWriter | None = None) -> None:
+    def __init__(
+        self,
+        config: SidecarConfig,
+        *,
+        log_writer: LineWriter | None = None,
+        upstream_client: Callable[[], UpstreamClient] = UpstreamPool,
+    ) -> None:
         self.config = config
+        # Makes the HTTP/1.1 upstream client at start; the conformance tests pass
+        # sidecar.upstream.reference.ReferenceClient to hold both clients to one suite.
+        self._upstream_client = upstream_client
         self.metrics = Metrics()
         self.ready = False
         self.draining = False
@@ -64,7 +73,7 @@ class Sidecar:
         self._log_writer = log_writer
         self._runtime: Runtime | None = None
         self._proxy: Proxy | None = None
-        self._pool: UpstreamPool | None = None
+        self._pool: UpstreamClient | None = None
         self._proxy_runner: web.ServerRunner | None = None
         self._listener: asyncio.Server | None = None
         self._listen_factory: SniffingFactory | None = None
@@ -98,7 +107,7 @@ class Sidecar:
 
     async def start(self) -> None:
         config = self.config
-        self._pool = UpstreamPool()
+        self._pool = self._upstream_client()
         self._h2_pool = H2Pool(config.http2)
         self._runtime = Runtime(config, self.metrics, self._clients())
         await self._runtime.start_new()

@@ -222,14 +222,19 @@ async def sidecar(tmp_path: Path) -> AsyncIterator[Callable[..., Awaitable[Runni
     """
     running: list[RunningSidecar] = []
 
-    async def make(body: str, *, drain: str = "2s") -> RunningSidecar:
+    async def make(
+        body: str, *, drain: str = "2s", upstream_client: Callable[[], Any] | None = None
+    ) -> RunningSidecar:
         listen, admin = free_port(), free_port()
         path = tmp_path / f"sidecar-{len(running)}.yaml"
         path.write_text(sidecar_yaml(body, listen, admin, drain))
         config, _warnings = load_config(path)
         capture = _Capture()
         writer = LineWriter(capture)  # type: ignore[arg-type]
-        sc = Sidecar(config, log_writer=writer)
+        if upstream_client is None:
+            sc = Sidecar(config, log_writer=writer)
+        else:  # the conformance suite runs every case over each client
+            sc = Sidecar(config, log_writer=writer, upstream_client=upstream_client)
         await sc.start()
         rs = RunningSidecar(sc, listen, admin, path, capture, writer)
         running.append(rs)

@@ -83,7 +83,8 @@ class H1Responder:
         transport = self._request.transport
         if self._request.version != HttpVersion11 or transport is None or self.response:
             return
-        lines = [f"HTTP/1.1 {status} Early Hints" if status == 103 else f"HTTP/1.1 {status}"]
+        # The SP after the code is required even without a reason phrase (RFC 9112 4).
+        lines = [f"HTTP/1.1 {status} Early Hints" if status == 103 else f"HTTP/1.1 {status} "]
         lines.extend(f"{name}: {value}" for name, value in headers)
         transport.write(("\r\n".join(lines) + "\r\n\r\n").encode("utf-8", "surrogateescape"))
 

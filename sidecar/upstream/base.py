@@ -74,6 +74,9 @@ class UpstreamRequest:
     body: Body = None
     content_length: int | None = None  # of an iterator body, when the app declared one
     on_interim: InterimSink | None = None
+    # The service's idle_timeout: how long the connection may then wait idle in a pool
+    # (an upstream's Keep-Alive: timeout=N may lower it). None: the client's default.
+    idle_timeout: float | None = None
 
 
 class UpstreamResponse(Protocol):
@@ -85,7 +88,7 @@ class UpstreamResponse(Protocol):
     """
 
     status: int
-    reason: str
+    reason: str | None  # None: none sent, or not relayable as text; the app gets the default
     headers: CIMultiDictProxy[str]
     content_length: int | None
     trailers: CIMultiDictProxy[str] | None

@@ -165,7 +165,7 @@ class H2Response:
         self._stream = stream
         self._released = False
         self.status = status
-        self.reason = ""
+        self.reason: str | None = None  # HTTP/2 has no reason phrase
         self.headers = CIMultiDictProxy(headers)
         length = headers.get("content-length")
         self.content_length = int(length) if length is not None and length.isdigit() else None
