@@ -15,6 +15,7 @@ The clients live beside it (`base` is the seam); this module owns what goes into
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Final
 
 from multidict import CIMultiDictProxy
@@ -175,9 +176,16 @@ async def send(
     request: UpstreamRequest,
     limit: float,
     connect_timeout: float,
+    *,
+    clock: Callable[[], float] | None = None,
 ) -> Attempt:
-    """Send one attempt and wait for the response head, at most `limit` seconds."""
-    deadline = asyncio.get_running_loop().time() + limit
+    """Send one attempt and wait for the response head, at most `limit` seconds.
+
+    `clock` is the time base of the client's `deadline`: the running loop's `time()`
+    unless the attempt loop runs on an injected clock (unit tests, with a fake client).
+    """
+    now = clock() if clock is not None else asyncio.get_running_loop().time()
+    deadline = now + limit
     try:
         response = await client.request(
             endpoint, request, connect_timeout=connect_timeout, deadline=deadline
