@@ -55,7 +55,6 @@ class StreamedBody:
         "_prefix",
         "_wait_ended",
         "_wait_started",
-        "finished",
         "started",
     )
 
@@ -69,7 +68,6 @@ class StreamedBody:
         if keep > 0:
             self._kept = [prefix] if prefix else []
         self.started = False
-        self.finished = False  # the app sent all of it
         # Loop times of the latest wait for the app's bytes (end None: still waiting).
         self._wait_started: float | None = None
         self._wait_ended: float | None = None
@@ -96,7 +94,6 @@ class StreamedBody:
             chunk = await self._inbound.read_chunk()
             self._wait_ended = loop.time()
             if not chunk:
-                self.finished = True
                 return
             kept = self._kept
             if kept is not None:

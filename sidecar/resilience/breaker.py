@@ -55,7 +55,6 @@ import logging
 import time
 from collections.abc import Callable
 from enum import IntEnum
-from types import TracebackType
 from typing import Any, Final
 
 import pybreaker
@@ -125,9 +124,9 @@ class Trial:
     """One admitted attempt. Resolve it exactly once: `success()`, `failure()`, `ignore()`
     or `abandon()`; on the request's last attempt, also call `request_done()`.
 
-    The first resolution wins and later ones are ignored, so `finally: trial.abandon()` (or
-    `with trial:`) is a safe way to make sure a trial never stays unresolved: an unresolved
-    half-open trial would hold its slot forever.
+    The first resolution wins and later ones are ignored, so `finally: trial.abandon()` is a
+    safe way to make sure a trial never stays unresolved: an unresolved half-open trial
+    would hold its slot forever.
     """
 
     __slots__ = ("_breaker", "epoch", "half_open", "started", "verdict")
@@ -188,28 +187,6 @@ class Trial:
             return False
         self.verdict = verdict
         return True
-
-    def __enter__(self) -> Trial:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        """Resolve a trial the block left unresolved; never swallows the exception.
-
-        A `TimeoutError` leaving the block is an attempt deadline (`asyncio.timeout()` raises
-        it at its own boundary), so it counts as a "timeout" failure. Anything else,
-        `CancelledError` above all, is not the upstream's doing: abandon.
-        """
-        if self.resolved:
-            return
-        if exc_type is not None and issubclass(exc_type, TimeoutError):
-            self.failure("timeout", Outcome.TIMEOUT)
-        else:
-            self.abandon()
 
 
 class _Tracker(pybreaker.CircuitBreakerListener):
@@ -510,11 +487,6 @@ class ServiceBreaker:
     def epoch(self) -> int:
         """How many state changes so far: equal epochs mean the same open period."""
         return self._epoch
-
-    @property
-    def since(self) -> float:
-        """UNIX timestamp of the last state change (of construction, if none)."""
-        return self._since
 
     @property
     def last_failure(self) -> str | None:

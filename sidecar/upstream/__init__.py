@@ -128,10 +128,10 @@ def response_headers(upstream: CIMultiDictProxy[str]) -> list[tuple[str, str]]:
 class Attempt:
     """What one attempt produced: a response head, or the kind of failure.
 
-    `trial` is the breaker's admission for it; `started` (perf_counter) when it was sent.
+    `trial` is the breaker's admission for it.
     """
 
-    __slots__ = ("detail", "endpoint", "kind", "response", "started", "trial")
+    __slots__ = ("detail", "endpoint", "kind", "response", "trial")
 
     def __init__(
         self,
@@ -145,7 +145,6 @@ class Attempt:
         self.response = response
         self.detail = detail
         self.trial: Trial | None = None
-        self.started = 0.0
 
     @property
     def status(self) -> int:
