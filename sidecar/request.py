@@ -23,7 +23,7 @@ from sidecar.vocab import Reason
 
 @dataclass(slots=True)
 class AccessRecord:
-    """The access log's line for one request (docs/contract.md, "Logs")."""
+    """The access log's line for one request (docs/contract.md#logs)."""
 
     method: str
     grpc: bool = False  # a gRPC call (content-type application/grpc...)

@@ -3,9 +3,11 @@ pybreaker as the state machine.
 
 pybreaker owns the states and their transitions (`open()`, `half_open()`, `close()`),
 announced to `CircuitBreakerListener`s, which mirror them into metrics and logs. This
-adapter owns everything pybreaker cannot do under asyncio or does not do at all (see
-STYLE.md, "pybreaker under asyncio"): the counting, the rules, the timers and the
-half-open gate. It never calls pybreaker's `call()`.
+adapter owns everything pybreaker cannot do under asyncio or does not do at all: the
+counting, the rules, the timers and the half-open gate. (pybreaker's `call()` wraps a
+synchronous function under a thread lock, its `call_async()` needs Tornado, its open timer
+runs on the wall clock, and its half-open state lets every concurrent caller through.) It
+never calls pybreaker's `call()`.
 
 What counts (the attempt loop reports; docs/resilience.md has the whole table):
 
@@ -76,7 +78,7 @@ _STATE_NAMES: Final = {
 }
 
 # While half-open with every trial slot taken there is no timer to quote: a slot frees when a
-# trial finishes, usually well within a second (CONTRACT: Retry-After 1).
+# trial finishes, usually well within a second (docs/contract.md#circuit-breaker: Retry-After 1).
 BUSY_RETRY_AFTER: Final = 1.0
 
 # Attempt outcomes that say "nothing answered on that port": a TCP probe can tell when

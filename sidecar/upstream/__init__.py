@@ -1,7 +1,7 @@
 """The upstream boundary: one attempt to one endpoint, and the header rules around it.
 
 The client's exceptions are mapped here, once, to the outcome kinds the rest of the
-sidecar reasons about (CONTRACT §5 `result` labels):
+sidecar reasons about (the `result` labels of docs/contract.md#metrics):
 
     connect_error  the request never left: refused, unreachable, connect timeout
     reset          the connection broke, or the upstream sent something that is not HTTP
