@@ -22,8 +22,9 @@ When the request is over, its last trial is told (`Trial.request_done`): the bre
 consecutive rule counts requests, not attempts.
 
 This is the only module of the request path that waits between attempts; the policy
-pieces it consults do no I/O. `sleep` is a parameter so the loop can be driven by a fake
-client and clock in unit tests.
+pieces it consults do no I/O. `sleep` and `clock` are parameters so that unit tests can
+drive the loop with a scripted client, a fake clock and a fake sleep, with no sockets and
+no waiting (tests/support/fake_upstream.py, tests/test_attempts.py).
 """
 
 from __future__ import annotations
@@ -43,6 +44,9 @@ from sidecar.resilience.retry import RetryPolicy, failure_reason, may_retry, ret
 from sidecar.upstream import Attempt, send
 from sidecar.upstream.base import UpstreamClient, UpstreamRequest
 from sidecar.vocab import BreakerState, Outcome, Reason, TimeoutKind
+
+# Seconds on the time base of `Exchange.deadline` (the event loop's `time()` in production).
+Clock = Callable[[], float]
 
 
 class ServiceRuntimeLike(Protocol):
@@ -75,14 +79,21 @@ async def forward(
     ex: Exchange,
     route: RouteRuntimeLike,
     sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    clock: Clock | None = None,
 ) -> Exchange:
     """Make attempts until one answers, or retrying is no longer allowed or possible.
 
     When `ex.last` is a response, it is unsettled (`ex.unsettled`): the caller relays it
     and then calls `settle`.
+
+    `sleep` waits out a back-off. `clock` is the time base of `ex.deadline` and of the
+    `deadline` handed to the upstream client; None (what the proxy passes) means the
+    running event loop's `time()`, which the wire clients' own timers run on. A test
+    passes a fake clock together with a fake client and a fake sleep, so that the
+    deadline arithmetic is exact and nothing waits.
     """
     try:
-        return await _attempts(ex, route, sleep)
+        return await _attempts(ex, route, sleep, clock or asyncio.get_running_loop().time)
     finally:
         last = ex.last
         # Whichever way the loop ended, the request's outcome is its last attempt's; an
@@ -92,19 +103,21 @@ async def forward(
 
 
 async def _attempts(
-    ex: Exchange, route: RouteRuntimeLike, sleep: Callable[[float], Awaitable[None]]
+    ex: Exchange,
+    route: RouteRuntimeLike,
+    sleep: Callable[[float], Awaitable[None]],
+    now: Clock,
 ) -> Exchange:
     service = route.service
     policy = route.policy
     cluster = service.cluster
     breaker = service.breaker
     client = service.client
-    loop = asyncio.get_running_loop()
     tried: list[Endpoint] = []
     route.budget.record_request()
 
     while True:
-        remaining = ex.deadline - loop.time()
+        remaining = ex.deadline - now()
         if remaining <= 0:
             return ex
         endpoint = cluster.pick(tried)
@@ -143,31 +156,34 @@ async def _attempts(
             service.idle_timeout,
         )
         endpoint.in_flight += 1
-        started = loop.time()
+        started = now()
         try:
             if isinstance(ex.body, StreamedBody):
-                attempt = await _send_streamed(client, endpoint, request, timeout, service)
+                attempt = await _send_streamed(client, endpoint, request, timeout, service, now)
             else:
-                attempt = await send(client, endpoint, request, timeout, service.connect_timeout)
+                attempt = await send(
+                    client, endpoint, request, timeout, service.connect_timeout, clock=now
+                )
         except asyncio.CancelledError:
             trial.abandon()
             raise
         finally:
             endpoint.in_flight -= 1
         attempt.trial = trial
-        if ex.last is not None:
-            ex.last.release()
-        ex.last = attempt
+        ex.last = attempt  # the previous attempt was released before its retry
         tried.append(endpoint)
         if attempt.kind is Outcome.TIMEOUT:
             route.count_timeout(TimeoutKind.ROUTE if route_bound else TimeoutKind.PER_TRY)
 
-        if attempt.kind is Outcome.RESPONSE and not _failed_head(breaker, attempt):
+        succeeded = attempt.kind is Outcome.RESPONSE and not _failed_head(breaker, attempt)
+        if succeeded:
             # A success: judged once it is clear whether it is the answer (settled after
-            # the relay, so a body that breaks counts as a reset) or retried (it is not).
-            ex.unsettled = attempt
-            return ex
-        if app_caused(ex, attempt, started, timeout, per_try, loop.time()):
+            # the relay, so a body that breaks counts as a reset) or retried (a status
+            # `retry_on` lists that is no failure, e.g. 429: judged below, as a success).
+            if not _retry_listed(ex, attempt, policy):
+                ex.unsettled = attempt
+                return ex
+        elif app_caused(ex, attempt, started, timeout, per_try, now()):
             trial.ignore()
         else:
             # Judged at once, so a failure that opens the breaker stops the retries.
@@ -175,11 +191,13 @@ async def _attempts(
         if attempt.kind is not Outcome.RESPONSE:
             _count(service, attempt, broken=False)
 
-        retry = _retry_allowed(ex, attempt, route, breaker, loop.time())
+        retry = _retry_allowed(ex, attempt, route, breaker, now())
         if retry is None:
             if attempt.kind is Outcome.RESPONSE:
                 ex.unsettled = attempt
             return ex
+        if succeeded:
+            _judge(route, attempt, failed=False)
         if attempt.kind is Outcome.RESPONSE:
             _count(service, attempt, broken=False)
         attempt.release()
@@ -195,12 +213,14 @@ async def _send_streamed(
     request: UpstreamRequest,
     limit: float,
     service: ServiceRuntimeLike,
+    now: Clock,
 ) -> Attempt:
     """`send` for a body streamed from the app: the deadline also covers the wait for the
-    app's next chunk, which no client can see (it is waiting on the app, not the wire)."""
+    app's next chunk, which no client can see (it is waiting on the app, not the wire).
+    That guard is an event-loop timer, so it runs on loop time whatever `now` is."""
     try:
         async with asyncio.timeout(limit):
-            return await send(client, endpoint, request, limit, service.connect_timeout)
+            return await send(client, endpoint, request, limit, service.connect_timeout, clock=now)
     except TimeoutError:
         return Attempt(Outcome.TIMEOUT, endpoint, detail=f"no response within {limit * 1000:.0f}ms")
 
@@ -224,6 +244,15 @@ def _retry_allowed(
         route.count_budget_exhausted()
         return None
     return delay
+
+
+def _retry_listed(ex: Exchange, attempt: Attempt, policy: RetryPolicy) -> bool:
+    """Whether `retry_on` would retry a response head the breaker counts as a success
+    (e.g. 429, or a gRPC status outside `failure_grpc_status`). Most answers are not
+    listed: one set lookup decides for them."""
+    if attempt.status not in policy.statuses and not (ex.grpc and policy.grpc_statuses):
+        return False
+    return policy.retryable(attempt, ex.method)
 
 
 def _failed_head(breaker: ServiceBreaker, attempt: Attempt) -> bool:

@@ -1,4 +1,4 @@
-"""Command line: `sidecar run | validate | demo` (CONTRACT §1)."""
+"""Command line: `sidecar run | validate | demo` (docs/contract.md#command-line)."""
 
 from __future__ import annotations
 

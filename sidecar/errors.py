@@ -1,4 +1,4 @@
-"""Answers the sidecar makes itself (docs/contract.md, "What the app sees").
+"""Answers the sidecar makes itself (docs/contract.md#errors).
 
 Every such answer has a JSON body `{"error", "route", "service", "detail"}`, the header
 `x-sidecar-error: <reason>` and an RFC 9209 `Proxy-Status` naming the error type. The

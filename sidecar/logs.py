@@ -1,4 +1,4 @@
-"""Logs: one JSON object per line on stdout (CONTRACT §1), written off the event loop.
+"""Logs: one JSON object per line on stdout (docs/contract.md#logs), written off the event loop.
 
 A write to a stdout pipe can block when the reader is slow, so the event loop only puts
 finished lines on a queue; one writer thread does the writing. The access log skips the

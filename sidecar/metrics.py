@@ -1,4 +1,4 @@
-"""Every Prometheus metric the sidecar exports (CONTRACT §5), declared once.
+"""Every Prometheus metric the sidecar exports (docs/contract.md#metrics), declared once.
 
 Metrics are built against an injected `CollectorRegistry` so tests can read exact values
 with `registry.get_sample_value(...)`. Label values come from config (route, service,

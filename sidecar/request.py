@@ -23,7 +23,7 @@ from sidecar.vocab import Reason
 
 @dataclass(slots=True)
 class AccessRecord:
-    """The access log's line for one request (docs/contract.md, "Logs")."""
+    """The access log's line for one request (docs/contract.md#logs)."""
 
     method: str
     grpc: bool = False  # a gRPC call (content-type application/grpc...)
@@ -56,7 +56,6 @@ class StreamedBody:
         "_prefix",
         "_wait_ended",
         "_wait_started",
-        "finished",
         "started",
     )
 
@@ -70,7 +69,6 @@ class StreamedBody:
         if keep > 0:
             self._kept = [prefix] if prefix else []
         self.started = False
-        self.finished = False  # the app sent all of it
         # Loop times of the latest wait for the app's bytes (end None: still waiting).
         self._wait_started: float | None = None
         self._wait_ended: float | None = None
@@ -97,7 +95,6 @@ class StreamedBody:
             chunk = await self._inbound.read_chunk()
             self._wait_ended = loop.time()
             if not chunk:
-                self.finished = True
                 return
             kept = self._kept
             if kept is not None:

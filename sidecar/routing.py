@@ -1,9 +1,9 @@
 """Routing: which configured route a request belongs to, and the path it is forwarded with.
 
-The path is normalised before matching (CONTRACT §6): percent-encoded unreserved characters
-are decoded, other escapes are kept (with upper-case hex) and dot segments are removed, so
-`/api/%2e%2e/admin` can never slip past a route on `/api`. The normalised path is the one
-that is forwarded, so what was routed is what the upstream sees.
+The path is normalised before matching (docs/contract.md#hostile-input): percent-encoded
+unreserved characters are decoded, other escapes are kept (with upper-case hex) and dot
+segments are removed, so `/api/%2e%2e/admin` can never slip past a route on `/api`. The
+normalised path is the one that is forwarded, so what was routed is what the upstream sees.
 
 Prefixes match whole path segments: `/orders` matches `/orders` and `/orders/42`, never
 `/orders-admin`; a prefix ending in `/` matches only below it. Routes are indexed by prefix

@@ -12,7 +12,6 @@ Requests already in flight keep the objects they started with.
 from __future__ import annotations
 
 import asyncio
-import logging
 from collections.abc import Mapping
 from typing import Any
 
@@ -30,8 +29,6 @@ from sidecar.resilience.retry import RetryPolicy
 from sidecar.routing import RouteTable
 from sidecar.upstream.base import UpstreamClient
 from sidecar.vocab import TimeoutKind
-
-log = logging.getLogger("sidecar.runtime")
 
 
 class ServiceRuntime:

@@ -1,4 +1,4 @@
-"""Back-off with full jitter, and the Retry-After header both ways."""
+"""Back-off with full jitter, and reading an upstream's Retry-After header."""
 
 from __future__ import annotations
 
@@ -13,7 +13,6 @@ from sidecar.resilience.backoff import (
     Backoff,
     backoff_delay,
     exponential_ceiling,
-    format_retry_after,
     jittered,
     parse_retry_after,
 )
@@ -181,22 +180,3 @@ def test_the_default_now_is_the_current_time() -> None:
 )
 def test_garbage_gives_none(value: str | None) -> None:
     assert parse_retry_after(value, now=NOW) is None
-
-
-# -- format_retry_after ---------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("seconds", "header"),
-    [
-        (0.0, "0"),
-        (-3.0, "0"),
-        (float("nan"), "0"),
-        (0.2, "1"),
-        (1.0, "1"),
-        (29.01, "30"),
-        (1e12, str(int(MAX_RETRY_AFTER))),
-    ],
-)
-def test_format_rounds_up_to_whole_seconds(seconds: float, header: str) -> None:
-    assert format_retry_after(seconds) == header

@@ -746,7 +746,7 @@ def exported_series() -> dict[str, set[str]]:
         for suffix in suffixes[family.type]:
             name = family.name + suffix
             series[name] = labels | ({"le"} if suffix == "_bucket" else set())
-    assert len(series) >= 14, "fewer metrics than CONTRACT section 5 lists"
+    assert len(series) >= 14, "fewer metrics than docs/contract.md#metrics lists"
     return series
 
 

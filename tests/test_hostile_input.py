@@ -1,4 +1,7 @@
-"""CONTRACT §6: crafted requests get 400 and a closed connection; nothing reaches an upstream."""
+"""Crafted requests get 400 and a closed connection; nothing reaches an upstream.
+
+docs/contract.md#hostile-input.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,7 @@
-"""Hot reload (CONTRACT §4): POST /admin/reload and SIGHUP; bad files change nothing."""
+"""Hot reload: POST /admin/reload and SIGHUP; bad files change nothing.
+
+docs/contract.md#admin-endpoints, "Reloads".
+"""
 
 from __future__ import annotations
 

@@ -39,7 +39,6 @@ class HealthChecker:
         self.config = config
         self._endpoints = endpoints
         self._changed = changed
-        self.rounds = 0
 
     async def run(self) -> None:
         while True:
@@ -48,7 +47,6 @@ class HealthChecker:
             changed = False
             for endpoint, ok in zip(endpoints, results, strict=True):
                 changed |= self.record(endpoint, ok)
-            self.rounds += 1
             if changed:
                 self._changed()
             await asyncio.sleep(self.config.interval)

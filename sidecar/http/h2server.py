@@ -122,7 +122,6 @@ class RequestHead:
     scheme: str
     fields: list[tuple[str, str]]  # regular fields, `host` first when there is one
     content_length: int | None
-    list_size: int  # as SETTINGS_MAX_HEADER_LIST_SIZE counts it
     grpc: bool
 
 
@@ -228,7 +227,6 @@ def parse_request(
         scheme=_text(scheme),
         fields=fields,
         content_length=content_length,
-        list_size=size,
         grpc=grpc,
     )
 

@@ -6,8 +6,8 @@
 - `window`: the sliding, bucketed time window the breaker and the budget count in.
 - `budget`: the per-route retry budget: a ratio ceiling and a failure-aware throttle.
 - `retry`: which outcomes are retried, for which methods, after how long.
-- `backoff`: the pure back-off function (exponential, full jitter) and `Retry-After` parsing
-  and formatting.
+- `backoff`: the pure back-off function (exponential, full jitter) and `Retry-After`
+  parsing.
 - `fault`: per-route fault injection (delays and aborts drawn by percentage).
 
 Nothing here does I/O, sleeps or starts tasks: each piece answers a synchronous question on

@@ -13,13 +13,13 @@ holds only a counter; the loop does the sleeping. Its default jitter is "equal"
 (uniform in [ceiling/2, ceiling]): loops that failed together spread out, and none waits
 much longer, nor much less, than planned.
 
-`parse_retry_after` reads an upstream's `Retry-After` (RFC 9110 §10.2.3); `format_retry_after`
-writes the one the sidecar sends with 503 `circuit_open`.
+`parse_retry_after` reads an upstream's `Retry-After` (RFC 9110 §10.2.3). The one the sidecar
+sends with 503 `circuit_open` is the breaker's wait rounded up to whole seconds, at least 1
+(`sidecar.proxy`).
 """
 
 from __future__ import annotations
 
-import math
 import random
 import re
 import time
@@ -139,14 +139,3 @@ def parse_retry_after(value: str | None, now: float | None = None) -> float | No
     current = time.time() if now is None else now
     delay = when.timestamp() - current
     return min(max(delay, 0.0), MAX_RETRY_AFTER)
-
-
-def format_retry_after(seconds: float) -> str:
-    """The `Retry-After` value for a wait of `seconds`: whole seconds, rounded up.
-
-    Rounding up keeps clients from coming back before the breaker would admit them; a
-    sub-second wait becomes "1".
-    """
-    if not seconds > 0:  # also catches NaN
-        return "0"
-    return str(math.ceil(min(seconds, MAX_RETRY_AFTER)))

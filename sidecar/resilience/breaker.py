@@ -3,9 +3,11 @@ pybreaker as the state machine.
 
 pybreaker owns the states and their transitions (`open()`, `half_open()`, `close()`),
 announced to `CircuitBreakerListener`s, which mirror them into metrics and logs. This
-adapter owns everything pybreaker cannot do under asyncio or does not do at all (see
-STYLE.md, "pybreaker under asyncio"): the counting, the rules, the timers and the
-half-open gate. It never calls pybreaker's `call()`.
+adapter owns everything pybreaker cannot do under asyncio or does not do at all: the
+counting, the rules, the timers and the half-open gate. (pybreaker's `call()` wraps a
+synchronous function under a thread lock, its `call_async()` needs Tornado, its open timer
+runs on the wall clock, and its half-open state lets every concurrent caller through.) It
+never calls pybreaker's `call()`.
 
 What counts (the attempt loop reports; docs/resilience.md has the whole table):
 
@@ -55,7 +57,6 @@ import logging
 import time
 from collections.abc import Callable
 from enum import IntEnum
-from types import TracebackType
 from typing import Any, Final
 
 import pybreaker
@@ -77,7 +78,7 @@ _STATE_NAMES: Final = {
 }
 
 # While half-open with every trial slot taken there is no timer to quote: a slot frees when a
-# trial finishes, usually well within a second (CONTRACT: Retry-After 1).
+# trial finishes, usually well within a second (docs/contract.md#circuit-breaker: Retry-After 1).
 BUSY_RETRY_AFTER: Final = 1.0
 
 # Attempt outcomes that say "nothing answered on that port": a TCP probe can tell when
@@ -125,9 +126,9 @@ class Trial:
     """One admitted attempt. Resolve it exactly once: `success()`, `failure()`, `ignore()`
     or `abandon()`; on the request's last attempt, also call `request_done()`.
 
-    The first resolution wins and later ones are ignored, so `finally: trial.abandon()` (or
-    `with trial:`) is a safe way to make sure a trial never stays unresolved: an unresolved
-    half-open trial would hold its slot forever.
+    The first resolution wins and later ones are ignored, so `finally: trial.abandon()` is a
+    safe way to make sure a trial never stays unresolved: an unresolved half-open trial
+    would hold its slot forever.
     """
 
     __slots__ = ("_breaker", "epoch", "half_open", "started", "verdict")
@@ -188,28 +189,6 @@ class Trial:
             return False
         self.verdict = verdict
         return True
-
-    def __enter__(self) -> Trial:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        """Resolve a trial the block left unresolved; never swallows the exception.
-
-        A `TimeoutError` leaving the block is an attempt deadline (`asyncio.timeout()` raises
-        it at its own boundary), so it counts as a "timeout" failure. Anything else,
-        `CancelledError` above all, is not the upstream's doing: abandon.
-        """
-        if self.resolved:
-            return
-        if exc_type is not None and issubclass(exc_type, TimeoutError):
-            self.failure("timeout", Outcome.TIMEOUT)
-        else:
-            self.abandon()
 
 
 class _Tracker(pybreaker.CircuitBreakerListener):
@@ -510,11 +489,6 @@ class ServiceBreaker:
     def epoch(self) -> int:
         """How many state changes so far: equal epochs mean the same open period."""
         return self._epoch
-
-    @property
-    def since(self) -> float:
-        """UNIX timestamp of the last state change (of construction, if none)."""
-        return self._since
 
     @property
     def last_failure(self) -> str | None:

@@ -1,4 +1,5 @@
-"""Per-route fault injection (CONTRACT §2 `fault`): delays and aborts, drawn by percentage.
+"""Per-route fault injection (`routes[].fault`, docs/configuration.md#fault): delays and aborts,
+drawn by percentage.
 
 Each request draws once for a delay and once, independently, for an abort, so a request can
 get both (delayed, then aborted), as in Envoy's fault filter. Percentages run from 0 to 100

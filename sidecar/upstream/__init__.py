@@ -1,7 +1,7 @@
 """The upstream boundary: one attempt to one endpoint, and the header rules around it.
 
 The client's exceptions are mapped here, once, to the outcome kinds the rest of the
-sidecar reasons about (CONTRACT §5 `result` labels):
+sidecar reasons about (the `result` labels of docs/contract.md#metrics):
 
     connect_error  the request never left: refused, unreachable, connect timeout
     reset          the connection broke, or the upstream sent something that is not HTTP
@@ -15,6 +15,7 @@ The clients live beside it (`base` is the seam); this module owns what goes into
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Final
 
 from multidict import CIMultiDictProxy
@@ -136,10 +137,10 @@ def response_headers(upstream: CIMultiDictProxy[str]) -> list[tuple[str, str]]:
 class Attempt:
     """What one attempt produced: a response head, or the kind of failure.
 
-    `trial` is the breaker's admission for it; `started` (perf_counter) when it was sent.
+    `trial` is the breaker's admission for it.
     """
 
-    __slots__ = ("detail", "endpoint", "kind", "response", "started", "trial")
+    __slots__ = ("detail", "endpoint", "kind", "response", "trial")
 
     def __init__(
         self,
@@ -153,7 +154,6 @@ class Attempt:
         self.response = response
         self.detail = detail
         self.trial: Trial | None = None
-        self.started = 0.0
 
     @property
     def status(self) -> int:
@@ -184,9 +184,16 @@ async def send(
     request: UpstreamRequest,
     limit: float,
     connect_timeout: float,
+    *,
+    clock: Callable[[], float] | None = None,
 ) -> Attempt:
-    """Send one attempt and wait for the response head, at most `limit` seconds."""
-    deadline = asyncio.get_running_loop().time() + limit
+    """Send one attempt and wait for the response head, at most `limit` seconds.
+
+    `clock` is the time base of the client's `deadline`: the running loop's `time()`
+    unless the attempt loop runs on an injected clock (unit tests, with a fake client).
+    """
+    now = clock() if clock is not None else asyncio.get_running_loop().time()
+    deadline = now + limit
     try:
         response = await client.request(
             endpoint, request, connect_timeout=connect_timeout, deadline=deadline

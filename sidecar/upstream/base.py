@@ -16,7 +16,7 @@ deadline passed) and `asyncio.CancelledError` (never caught here):
                     valid HTTP (`sent` says whether any byte of the request was handed over)
 
 A client resends a request by itself only where the upstream cannot have processed it
-(docs/contract.md, "A request is sent twice only when the policy allows it"): a pooled
+(docs/contract.md#resends, "A request is sent twice only when the policy allows it"): a pooled
 HTTP/1.1 connection found closed before any byte of the request was handed to it, an
 HTTP/2 stream refused (REFUSED_STREAM) or above a GOAWAY's last stream id. Each at most
 once per attempt. Every other failure goes back to the loop, which decides as policy says.

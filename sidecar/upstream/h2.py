@@ -21,7 +21,7 @@ from `iter_chunks`, so a slow app slows the upstream through our window
 (`http2.stream_window`, `http2.connection_window`), and what we hold per stream is
 bounded by it.
 
-Resends (docs/contract.md, "A request is sent twice only when the policy allows it"):
+Resends (docs/contract.md#resends):
 a stream the upstream did not process, because it answered RST_STREAM(REFUSED_STREAM)
 or its number is above a GOAWAY's last stream id, is sent once more on another
 connection, by this client, without counting as an attempt; only when its body can be

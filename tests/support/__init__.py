@@ -1,7 +1,9 @@
 """Helpers for the discovery, health and registration tests: real servers, bounded waits.
 
 Test files import these directly (`from support import ...`); the daemons live in
-`support.etcd` and `support.dnsmasq`. Nothing here mocks the network or the clock.
+`support.etcd` and `support.dnsmasq`. Nothing here mocks the network or the clock, except
+`support.fake_upstream`: a scripted client behind the `UpstreamClient` Protocol, with a fake
+clock and sleep, for the attempt loop's unit tests (tests/test_attempts.py).
 """
 
 from __future__ import annotations
