@@ -387,12 +387,14 @@ class LoopService:
         breaker: ServiceBreaker,
         client: ScriptedClient,
         connect_timeout: float,
+        idle_timeout: float = 4.0,
     ) -> None:
         self.name = name
         self.cluster = cluster
         self.breaker = breaker
         self.client = client
         self.connect_timeout = connect_timeout
+        self.idle_timeout = idle_timeout
         self.attempts: Counter[tuple[str, str]] = Counter()
 
     def count_attempt(self, endpoint: str, result: str) -> None:
