@@ -160,12 +160,18 @@ async def _attempts(
         if attempt.kind is Outcome.TIMEOUT:
             route.count_timeout(TimeoutKind.ROUTE if route_bound else TimeoutKind.PER_TRY)
 
-        if attempt.kind is Outcome.RESPONSE and not _failed_head(breaker, attempt):
+        success = attempt.kind is Outcome.RESPONSE and not _failed_head(breaker, attempt)
+        if success and not (ex.retries < ex.max_retries and policy.retryable(attempt, ex.method)):
             # A success: judged once it is clear whether it is the answer (settled after
             # the relay, so a body that breaks counts as a reset) or retried (it is not).
             ex.unsettled = attempt
             return ex
-        if app_caused(ex, attempt, started, timeout, per_try, loop.time()):
+        if success:
+            # Retried although it is no failure (a listed status outside failure_status
+            # or failure_grpc_status: 429, gRPC CANCELLED or RESOURCE_EXHAUSTED): judged
+            # as the success it is, now, since it will not be relayed.
+            _judge(route, attempt, failed=False)
+        elif app_caused(ex, attempt, started, timeout, per_try, loop.time()):
             trial.ignore()
         else:
             # Judged at once, so a failure that opens the breaker stops the retries.
