@@ -137,6 +137,9 @@ class Exchange:
     # x-sidecar-timeout-ms) set an earlier `deadline`; None otherwise. A timeout only the
     # override caused is the app's doing: it counts for neither breaker nor ejection.
     route_deadline: float | None = None
+    # Whether the latest attempt's own timeout is one only such an override made shorter
+    # (then an upstream's DEADLINE_EXCEEDED in its trailers is the app's doing too).
+    apps_deadline: bool = False
     # The last attempt, when it is a response still being relayed: its outcome for the
     # breaker, outlier detection and metrics is settled once the body is through.
     unsettled: Attempt | None = None
