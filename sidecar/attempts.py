@@ -139,6 +139,7 @@ async def _attempts(
             ex.body_for_attempt(),
             ex.content_length,
             ex.on_interim,
+            ex.replay_body if isinstance(ex.body, StreamedBody) else None,
         )
         endpoint.in_flight += 1
         started = loop.time()

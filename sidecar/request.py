@@ -150,6 +150,14 @@ class Exchange:
         body = self.body
         return not isinstance(body, StreamedBody) or body.replayable
 
+    def replay_body(self) -> AsyncIterator[bytes] | None:
+        """The streamed body once more, for a client's resend of a stream the upstream
+        did not process; None when it can no longer be sent whole."""
+        body = self.body
+        if isinstance(body, StreamedBody) and body.replayable:
+            return body.chunks()
+        return None
+
     def body_for_attempt(self) -> Body:
         body = self.body
         return body.chunks() if isinstance(body, StreamedBody) else body
