@@ -1089,3 +1089,56 @@ async def test_a_client_that_does_not_read_slows_the_upstream(sidecar):
         assert [int.from_bytes(m[:4], "big") for m in messages] == list(range(total))
         assert response.trailers is not None and (b"grpc-status", b"0") in response.trailers
         assert up.service.streamed == total
+
+
+# --------------------------------------------------------------------------- byte for byte, breaks
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [(), ((b"x-abort", b"NOT_FOUND"), (b"x-message", b"gone: 100% \xc3\xbc"))],
+    ids=["messages-and-trailers", "trailers-only"],
+)
+async def test_the_sidecar_adds_two_fields_and_nothing_else(sidecar, extra):
+    async with grpc_server() as up:
+        sc = await sidecar(grpc_config(up.address))
+        direct = await raw_call(up.port, f"/{SERVICE}/Unary", *extra)
+        proxied = await raw_call(sc.listen, f"/{SERVICE}/Unary", *extra)
+        names = [name for name, _ in proxied.headers]
+        assert names[-2:] == [b"x-sidecar-attempts", b"x-request-id"]
+        assert proxied.headers[:-2] == direct.headers
+        assert proxied.header(b"x-sidecar-attempts") == b"1"
+        assert (proxied.body, proxied.trailers) == (direct.body, direct.trailers)
+        assert proxied.head_ended == direct.head_ended == bool(extra)
+
+
+async def test_an_upstream_that_breaks_mid_stream_resets_the_call(sidecar):
+    async def half(server: RawH2Server, conn: h2.connection.H2Connection, n: int, sid: int):
+        conn.send_headers(sid, [(b":status", b"200"), (b"content-type", b"application/grpc")])
+        conn.send_data(sid, frame(b"first")[:4])  # part of a message, then the connection drops
+
+    async with raw_h2_server(half) as raw:
+        raw.drop_after_answer = True
+        sc = await sidecar(grpc_config(raw.address, route_extra=NO_RETRIES, service_extra=BREAKER))
+        for _ in range(2):
+            response = await raw_call(sc.listen, f"/{SERVICE}/Unary")
+            assert response.reset == ErrorCodes.INTERNAL_ERROR  # never a clean end
+        assert code_count(sc, "Internal") == 2
+        assert breaker_state(sc) == "open"  # a broken body is the reset it is
+        lines = await sc.access_lines()
+        assert [line["error"] for line in lines] == ["upstream_reset", "upstream_reset"]
+
+
+async def test_an_app_that_cancels_cancels_the_upstream_call(sidecar):
+    async with grpc_server() as up:
+        sc = await sidecar(grpc_config(up.address, service_extra=ONE_FAILURE_OPENS))
+        async with grpc_channel(f"127.0.0.1:{sc.listen}") as channel:
+            stream = channel.unary_stream(f"/{SERVICE}/ServerStream", **RAW)(
+                b"3:8", metadata=(("x-wait", "1"),)
+            )
+            await stream.initial_metadata()  # the call is up and waiting
+            stream.cancel()
+        await eventually(lambda: up.service.cancelled == 1)
+        await eventually(lambda: sc.sidecar.proxy.in_flight == 0)
+        assert breaker_state(sc) == "closed"  # the app's hang-up is not the upstream's failure
+        assert await unary_code(sc.listen) == grpc.StatusCode.OK

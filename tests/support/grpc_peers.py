@@ -105,11 +105,11 @@ class EchoService:
         self._seen("ServerStream", context)
         count, size = (int(x) for x in request.decode().split(":"))
         control = self._control(context)
-        if "x-wait" in control:
-            await context.send_initial_metadata((("x-waiting", "1"),))  # the head, now
-            await self.release.wait()
         finished = False
         try:
+            if "x-wait" in control:
+                await context.send_initial_metadata((("x-waiting", "1"),))  # the head, now
+                await self.release.wait()
             for i in range(count):
                 yield i.to_bytes(4, "big") + b"x" * (size - 4)
                 self.streamed += 1
