@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import re
+import socket
+import subprocess
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -19,7 +22,7 @@ import h2.connection
 import h2.events
 import pytest
 from h2.errors import ErrorCodes
-from helpers import free_port
+from helpers import ROOT, free_port, wait_http
 from support import eventually
 from support.grpc_peers import (
     SERVICE,
@@ -35,8 +38,12 @@ from support.grpc_peers import (
     unframe,
 )
 
+from sidecar.cluster.probes import grpc_health_check
+from sidecar.config.model import Address
+from sidecar.demo import SAY_PATH, Greeter
 from sidecar.grpc import decode_message, encode_message
 from sidecar.h2frames import FLAG_END_STREAM, FrameReader, FrameType
+from sidecar.http.h2server import H2Server
 
 RAW = {"request_serializer": None, "response_deserializer": None}
 
@@ -1142,3 +1149,93 @@ async def test_an_app_that_cancels_cancels_the_upstream_call(sidecar):
         await eventually(lambda: sc.sidecar.proxy.in_flight == 0)
         assert breaker_state(sc) == "closed"  # the app's hang-up is not the upstream's failure
         assert await unary_code(sc.listen) == grpc.StatusCode.OK
+
+
+# --------------------------------------------------------------------------- the demo
+
+
+def _listening(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+async def _banner_line(proc: Any, needle: str) -> str:
+    """The demo banner's line holding `needle` (the banner comes before anything else)."""
+    assert proc.proc.stderr is not None
+    for _ in range(100):
+        line = await asyncio.to_thread(proc.proc.stderr.readline)
+        if needle in line:
+            return str(line)
+        if not line:
+            break
+    raise AssertionError(f"no banner line with {needle!r}")
+
+
+async def test_the_demo_banner_grpc_command_calls_the_greeter(spawn, tmp_path):
+    ports = (15000, 15001, 19081, 19082, 19083, 19084)
+    if any(_listening(p) for p in ports):
+        pytest.skip("the demo's fixed ports are in use on this machine")
+    proc = spawn("demo", "-c", str(ROOT / "config" / "sidecar.yaml"))
+    try:
+        command = (await _banner_line(proc, "demo.Echo/Say")).split("#")[0].strip()
+        assert "-m sidecar.demo_grpc_call" in command
+        await wait_http("http://127.0.0.1:15000/readyz")
+
+        async def run(env: dict[str, str] | None = None) -> str:
+            done = await asyncio.to_thread(
+                subprocess.run,
+                command,
+                shell=True,
+                cwd=ROOT,
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=30,
+                check=False,
+            )
+            assert done.returncode == 0, done.stdout + done.stderr
+            return done.stdout
+
+        outputs = [await run() for _ in range(4)]
+        for out in outputs:
+            assert "(grpcio): OK" in out
+            assert "reply: hello, newcomer (greeter, attempt " in out
+        # One call in four is UNAVAILABLE at the greeter; the route retries it.
+        attempts = [re.search(r"x-sidecar-attempts: (\d)", out).group(1) for out in outputs]  # type: ignore[union-attr]
+        assert attempts == ["1", "1", "1", "2"]
+
+        # Without grpcio, the sidecar's own h2c client makes the same call.
+        hidden = tmp_path / "no-grpcio" / "grpc"
+        hidden.mkdir(parents=True)
+        (hidden / "__init__.py").write_text("raise ImportError('hidden for this test')\n")
+        env = dict(os.environ, PYTHONPATH=str(hidden.parent))
+        out = await run(env)
+        assert "(sidecar h2c client): OK" in out and "reply: hello, newcomer" in out
+    finally:
+        assert proc.stop() == 0
+
+
+async def test_the_demo_greeter_is_a_grpc_server_without_grpcio():
+    greeter = Greeter()
+    server = H2Server(greeter.handle)
+    listener = await asyncio.get_running_loop().create_server(server, "127.0.0.1", 0)
+    port = listener.sockets[0].getsockname()[1]
+    try:
+        async with grpc_channel(f"127.0.0.1:{port}") as channel:
+            say = channel.unary_unary(SAY_PATH, **RAW)
+            replies = []
+            for _ in range(4):
+                try:
+                    replies.append(await say(b"you"))
+                except grpc.aio.AioRpcError as exc:
+                    replies.append(exc.code())
+            assert replies[:3] == [b"hello, you (greeter, attempt -)"] * 3
+            assert replies[3] == grpc.StatusCode.UNAVAILABLE  # one call in four
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await channel.unary_unary("/demo.Echo/Other", **RAW)(b"")
+            assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
+        outcome = await grpc_health_check(Address("127.0.0.1", port), "", 1.0)
+        assert outcome.ok, outcome
+    finally:
+        listener.close()
+        await server.close()
