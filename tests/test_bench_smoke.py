@@ -95,15 +95,12 @@ def test_bench_smoke(tmp_path: Path, report: ModuleType) -> None:
     assert hop["wakeups_main_per_req_c1"] > 0
     assert hop["wakeups_other_threads_per_req_c1"] is not None
 
-    # gRPC: HAProxy (h2c both sides) and the direct call work now; the sidecar is either
-    # measured or says why not.
+    # gRPC: the sidecar (h2c both sides, as HAProxy) and the direct call are all measured.
     grpc = result["grpc"]
     if _have("h2load"):
-        assert grpc["status"]["direct"] == "ok" and grpc["status"]["haproxy"] == "ok", grpc
-        assert {"direct", "haproxy"} <= set(summary["grpc"])
-        sidecar = grpc["status"]["sidecar"]
-        assert sidecar == "ok" or sidecar.startswith("not supported yet: "), sidecar
-        assert ("sidecar" in summary["grpc"]) is (sidecar == "ok")
+        assert grpc["status"] == {"direct": "ok", "haproxy": "ok", "sidecar": "ok"}, grpc
+        assert set(summary["grpc"]) == {"direct", "haproxy", "sidecar"}
+        assert derived["grpc"]["calls_per_core_ratio"] is not None
     else:
         assert "h2load not installed" in grpc["skipped"]
 
