@@ -154,9 +154,11 @@ async def _attempts(
             ex.content_length,
             ex.on_interim,
             service.idle_timeout,
+            ex.replay_body if isinstance(ex.body, StreamedBody) else None,
         )
         endpoint.in_flight += 1
         started = now()
+        ex.apps_deadline = apps_deadline(ex, started, timeout, per_try)
         try:
             if isinstance(ex.body, StreamedBody):
                 attempt = await _send_streamed(client, endpoint, request, timeout, service, now)
@@ -278,7 +280,7 @@ def settle(ex: Exchange, route: RouteRuntimeLike, *, broken: bool) -> None:
             trailer_status
         ):
             _judge(route, attempt, failed=False)
-        elif trailer_status == Status.DEADLINE_EXCEEDED and ex.route_deadline is not None:
+        elif trailer_status == Status.DEADLINE_EXCEEDED and ex.apps_deadline:
             # The app's own grpc-timeout (shorter than the route's) ran out upstream.
             trial.ignore()
         else:
@@ -334,15 +336,16 @@ def app_caused(
 
     - the deadline passed while the sidecar was still waiting for the app's (streamed)
       request body: the upstream could not have answered a request it had not received;
-    - it timed out, and only a per-request override (x-sidecar-timeout-ms) made the
-      attempt's timeout shorter than the route's own timeout and per-try timeout would.
+    - it timed out, or the upstream answered gRPC DEADLINE_EXCEEDED, and only a
+      per-request override (x-sidecar-timeout-ms, grpc-timeout) made the attempt's
+      timeout shorter than the route's own timeout and per-try timeout would.
     """
     kind = attempt.kind
     if kind is Outcome.RESPONSE:
         # A gRPC DEADLINE_EXCEEDED under a deadline only the app's own grpc-timeout (or
         # override) made shorter than the route's: the upstream kept the app's deadline.
-        return (
-            ex.route_deadline is not None and attempt.head_grpc_status == Status.DEADLINE_EXCEEDED
+        return attempt.head_grpc_status == Status.DEADLINE_EXCEEDED and apps_deadline(
+            ex, started, timeout, per_try
         )
     if kind is not Outcome.TIMEOUT and kind is not Outcome.RESET:
         return False
@@ -354,9 +357,15 @@ def app_caused(
         and body.waiting_for_app_at(attempt_deadline)
     ):
         return True
-    if kind is Outcome.TIMEOUT and ex.route_deadline is not None:
-        own = ex.route_deadline - started
-        if per_try is not None:
-            own = min(own, per_try)
-        return timeout < own
-    return False
+    return kind is Outcome.TIMEOUT and apps_deadline(ex, started, timeout, per_try)
+
+
+def apps_deadline(ex: Exchange, started: float, timeout: float, per_try: float | None) -> bool:
+    """Whether only a per-request override (x-sidecar-timeout-ms, grpc-timeout) made an
+    attempt's timeout shorter than the route's own timeout and per-try timeout would."""
+    if ex.route_deadline is None:
+        return False
+    own = ex.route_deadline - started
+    if per_try is not None:
+        own = min(own, per_try)
+    return timeout < own

@@ -226,9 +226,9 @@ class Proxy:
 
         if record.grpc and inbound.has_body:
             # gRPC streams both ways: the body goes up as it comes (a bidi call's never
-            # ends before its answer starts), kept for a retry while it fits the limit.
-            keep = route.config.retries.max_body_bytes if ex.max_retries else 0
-            ex.body = StreamedBody(inbound, keep=keep)
+            # ends before its answer starts), kept while it fits the limit for a retry,
+            # or for a resend of a stream the upstream refused (retries off too).
+            ex.body = StreamedBody(inbound, keep=route.config.retries.max_body_bytes)
         elif inbound.has_body:  # most requests have none: no timer to arm and cancel
             try:
                 loop = asyncio.get_running_loop()

@@ -135,6 +135,9 @@ class Exchange:
     # x-sidecar-timeout-ms) set an earlier `deadline`; None otherwise. A timeout only the
     # override caused is the app's doing: it counts for neither breaker nor ejection.
     route_deadline: float | None = None
+    # Whether the latest attempt's own timeout is one only such an override made shorter
+    # (then an upstream's DEADLINE_EXCEEDED in its trailers is the app's doing too).
+    apps_deadline: bool = False
     # The last attempt, when it is a response still being relayed: its outcome for the
     # breaker, outlier detection and metrics is settled once the body is through.
     unsettled: Attempt | None = None
@@ -144,6 +147,14 @@ class Exchange:
         (or kept whole while it streamed)."""
         body = self.body
         return not isinstance(body, StreamedBody) or body.replayable
+
+    def replay_body(self) -> AsyncIterator[bytes] | None:
+        """The streamed body once more, for a client's resend of a stream the upstream
+        did not process; None when it can no longer be sent whole."""
+        body = self.body
+        if isinstance(body, StreamedBody) and body.replayable:
+            return body.chunks()
+        return None
 
     def body_for_attempt(self) -> Body:
         body = self.body

@@ -64,7 +64,9 @@ class UpstreamRequest:
 
     `headers` are end-to-end fields only (hop-by-hop ones were dropped by the caller);
     `authority` becomes `Host` (HTTP/1.1) or `:authority` (HTTP/2). A body given as bytes
-    can be sent more than once; an iterator only once.
+    can be sent more than once; an iterator only once, unless `replay` gives the client
+    a fresh one for a resend of the same attempt (None when the body can no longer be
+    sent whole).
     """
 
     method: str
@@ -77,6 +79,7 @@ class UpstreamRequest:
     # The service's idle_timeout: how long the connection may then wait idle in a pool
     # (an upstream's Keep-Alive: timeout=N may lower it). None: the client's default.
     idle_timeout: float | None = None
+    replay: Callable[[], AsyncIterator[bytes] | None] | None = None
 
 
 class UpstreamResponse(Protocol):

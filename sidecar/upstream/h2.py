@@ -25,7 +25,8 @@ Resends (docs/contract.md#resends):
 a stream the upstream did not process, because it answered RST_STREAM(REFUSED_STREAM)
 or its number is above a GOAWAY's last stream id, is sent once more on another
 connection, by this client, without counting as an attempt; only when its body can be
-sent again (bytes, none, or an iterator not yet started), else `UpstreamBroken`. Any
+sent again (bytes, none, an iterator not yet started, or one the request's `replay`
+gives afresh: a gRPC body kept while it fits `max_body_bytes`), else `UpstreamBroken`. Any
 other reset is `UpstreamBroken`. GOAWAY frames are read by this module, not by `h2`
 (see `sidecar.h2frames`), so streams under the last stream id still finish.
 """
@@ -643,16 +644,21 @@ class H2Pool:
         deadline: float,
     ) -> H2Response:
         fields = _request_fields(request)
-        resent = False
+        refused_by: _Connection | None = None
         while True:
-            conn = await self._acquire(endpoint, connect_timeout, deadline)
+            conn = await self._acquire(endpoint, connect_timeout, deadline, avoid=refused_by)
             try:
                 return await self._exchange(conn, fields, request, deadline)
             except _Refused as exc:
-                if resent or not _resendable(request.body, exc.body_started):
+                started = exc.body_started
+                if refused_by is None and started and request.replay is not None:
+                    fresh = request.replay()  # the body kept so far, then the rest
+                    if fresh is not None:
+                        request.body, started = fresh, False
+                if refused_by is not None or not _resendable(request.body, started):
                     raise UpstreamBroken(f"{exc}; not sent again", sent=True) from None
                 log.debug("upstream %s did not process a stream (%s): sent again", conn.key, exc)
-                resent = True
+                refused_by = conn  # the resend goes out on another connection
 
     async def _exchange(
         self,
@@ -687,8 +693,15 @@ class H2Pool:
         return response
 
     async def _acquire(
-        self, endpoint: Endpoint, connect_timeout: float, deadline: float
+        self,
+        endpoint: Endpoint,
+        connect_timeout: float,
+        deadline: float,
+        *,
+        avoid: _Connection | None = None,
     ) -> _Connection:
+        """A connection with room for one more stream; `avoid` (the one that refused a
+        stream) only when no other can be had or opened."""
         key = endpoint.key
         loop = asyncio.get_running_loop()
         while True:
@@ -697,10 +710,19 @@ class H2Pool:
             conns = self._conns.setdefault(key, [])
             best: _Connection | None = None
             for conn in conns:
+                if conn is avoid:
+                    continue
                 if conn.usable and conn.room() > 0 and (best is None or conn.room() > best.room()):
                     best = conn
             if best is not None:
                 return best
+            if (
+                avoid is not None
+                and len(conns) >= self.max_connections
+                and avoid.usable
+                and avoid.room() > 0
+            ):
+                return avoid
             remaining = deadline - loop.time()
             if remaining <= 0:
                 raise TimeoutError("no free HTTP/2 stream before the attempt's deadline")

@@ -73,6 +73,15 @@ class EchoService:
             if m.key.startswith("x-") and isinstance(m.value, str)
         }
 
+    @staticmethod
+    def _fails(control: dict[str, str]) -> bool:
+        """Whether this attempt aborts: `x-abort` names the code, and `x-fail-attempts`
+        (a comma list of the sidecar's x-sidecar-attempt numbers) limits it to those."""
+        if "x-abort" not in control:
+            return False
+        only = control.get("x-fail-attempts")
+        return only is None or control.get("x-sidecar-attempt") in only.split(",")
+
     async def unary(self, request: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> bytes:
         self._seen("Unary", context)
         control = self._control(context)
@@ -82,7 +91,7 @@ class EchoService:
         except asyncio.CancelledError:
             self.cancelled += 1
             raise
-        if "x-abort" in control:
+        if self._fails(control):
             await context.abort(grpc.StatusCode[control["x-abort"]], control.get("x-message", ""))
         await context.send_initial_metadata((("x-initial", "i1"), ("x-initial-bin", b"\x00\xff")))
         context.set_trailing_metadata(
@@ -96,11 +105,11 @@ class EchoService:
         self._seen("ServerStream", context)
         count, size = (int(x) for x in request.decode().split(":"))
         control = self._control(context)
-        if "x-wait" in control:
-            await context.send_initial_metadata((("x-waiting", "1"),))  # the head, now
-            await self.release.wait()
         finished = False
         try:
+            if "x-wait" in control:
+                await context.send_initial_metadata((("x-waiting", "1"),))  # the head, now
+                await self.release.wait()
             for i in range(count):
                 yield i.to_bytes(4, "big") + b"x" * (size - 4)
                 self.streamed += 1
@@ -110,6 +119,9 @@ class EchoService:
             # grpcio closes it, GeneratorExit.
             if not finished:
                 self.cancelled += 1
+        if self._fails(control):
+            # After the messages: the status comes in the trailers, not Trailers-Only.
+            await context.abort(grpc.StatusCode[control["x-abort"]], control.get("x-message", ""))
 
     async def client_stream(
         self, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext[Any, Any]
@@ -193,21 +205,46 @@ async def grpc_channel(address: str) -> AsyncIterator[grpc.aio.Channel]:
 RawHandler = Callable[["RawH2Server", h2.connection.H2Connection, int, int], Awaitable[None]]
 
 
+@dataclass
+class RawSeen:
+    """One request a `RawH2Server` received: its header block as sent, and its body."""
+
+    connection: int
+    stream_id: int
+    headers: list[tuple[bytes, bytes]]
+    body: bytes = b""
+    ended: bool = False
+
+    def header(self, name: bytes) -> bytes | None:
+        return dict(self.headers).get(name)
+
+
 class RawH2Server:
     """An h2 server whose behaviour per stream is scripted by `on_request`.
 
     `on_request(server, conn, connection_number, stream_id)` runs for each request once
-    it has ended; `connections` and `streams` count what arrived."""
+    it has ended; `connections` and `streams` count what arrived, `seen` lists every
+    request (its raw header block and body) from the moment its HEADERS arrive."""
 
     def __init__(self, on_request: RawHandler) -> None:
         self.on_request = on_request
         self.connections = 0
         self.streams = 0
         self.port = 0
+        self.seen: list[RawSeen] = []
         self.drop_after_answer = False  # cut the TCP connection after on_request wrote
         self._server: asyncio.Server | None = None
         self._writers: list[asyncio.StreamWriter] = []
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._open: dict[tuple[int, int], RawSeen] = {}
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def request(self, connection: int, stream_id: int) -> RawSeen:
+        """The request on `stream_id` of connection number `connection`."""
+        return self._open[(connection, stream_id)]
 
     async def start(self) -> None:
         self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
@@ -238,12 +275,24 @@ class RawH2Server:
                 if not data:
                     return
                 for event in conn.receive_data(data):
-                    if isinstance(event, h2.events.DataReceived):
+                    if isinstance(event, h2.events.RequestReceived):
+                        assert event.stream_id is not None
+                        seen = RawSeen(number, event.stream_id, list(event.headers or []))
+                        self._open[(number, event.stream_id)] = seen
+                        self.seen.append(seen)
+                    elif isinstance(event, h2.events.DataReceived):
+                        opened = self._open.get((number, event.stream_id or 0))
+                        if opened is not None:
+                            opened.body += event.data or b""
                         conn.acknowledge_received_data(
                             event.flow_controlled_length, event.stream_id
                         )
                     elif isinstance(event, h2.events.StreamEnded):
+                        assert event.stream_id is not None
                         self.streams += 1
+                        opened = self._open.get((number, event.stream_id))
+                        if opened is not None:
+                            opened.ended = True
                         task = asyncio.get_running_loop().create_task(
                             self._run(conn, writer, number, event.stream_id)
                         )
@@ -269,6 +318,32 @@ class RawH2Server:
     def answer(conn: h2.connection.H2Connection, stream_id: int, body: bytes) -> None:
         conn.send_headers(stream_id, [(b":status", b"200"), (b"x-served", b"yes")])
         conn.send_data(stream_id, body, end_stream=True)
+
+    @staticmethod
+    def grpc_answer(
+        conn: h2.connection.H2Connection, stream_id: int, message: bytes, status: int = 0
+    ) -> None:
+        """A gRPC answer: one message, then trailers with `grpc-status`."""
+        conn.send_headers(stream_id, [(b":status", b"200"), (b"content-type", b"application/grpc")])
+        conn.send_data(stream_id, frame(message))
+        conn.send_headers(stream_id, [(b"grpc-status", b"%d" % status)], end_stream=True)
+
+
+async def grpc_echo(
+    server: RawH2Server, conn: h2.connection.H2Connection, n: int, sid: int
+) -> None:
+    """A `RawH2Server` handler answering every call with its own request body's messages."""
+    RawH2Server.grpc_answer(conn, sid, b"".join(unframe(server.request(n, sid).body)))
+
+
+@contextlib.asynccontextmanager
+async def raw_h2_server(on_request: RawHandler = grpc_echo) -> AsyncIterator[RawH2Server]:
+    server = RawH2Server(on_request)
+    await server.start()
+    try:
+        yield server
+    finally:
+        await server.close()
 
 
 class RawH2Client:
@@ -391,6 +466,7 @@ class RawH2Client:
                     continue
                 if isinstance(event, h2.events.ResponseReceived):
                     result.headers = list(event.headers or [])
+                    result.head_ended = event.stream_ended is not None
                 elif isinstance(event, h2.events.DataReceived):
                     result.body += event.data or b""
                     self.conn.acknowledge_received_data(
@@ -408,6 +484,18 @@ class RawH2Client:
                 raise AssertionError(f"connection closed; saw {self.events}")
             await self.read_some(max(0.01, end - loop.time()))
 
+    async def call(
+        self, headers: list[tuple[bytes, bytes]], body: bytes | None = None, timeout: float = 5.0
+    ) -> RawResponse:
+        """Send one request on the next stream (its body in one DATA frame) and read the
+        whole response."""
+        sid = self.conn.get_next_available_stream_id()
+        self.conn.send_headers(sid, headers, end_stream=body is None)
+        if body is not None:
+            self.conn.send_data(sid, body, end_stream=True)
+        self.flush()
+        return await self.response(sid, timeout)
+
     def close(self) -> None:
         self.writer.close()
 
@@ -420,12 +508,28 @@ class RawH2Client:
         cls.opened.clear()
 
 
+def grpc_head(
+    path: str, *extra: tuple[bytes, bytes], authority: bytes = b"sidecar.test"
+) -> list[tuple[bytes, bytes]]:
+    """The header block of a gRPC call, as grpcio's client writes it."""
+    return [
+        (b":method", b"POST"),
+        (b":scheme", b"http"),
+        (b":path", path.encode()),
+        (b":authority", authority),
+        (b"content-type", b"application/grpc"),
+        (b"te", b"trailers"),
+        *extra,
+    ]
+
+
 @dataclass
 class RawResponse:
     headers: list[tuple[bytes, bytes]] = field(default_factory=list)
     body: bytes = b""
     trailers: list[tuple[bytes, bytes]] | None = None
     reset: ErrorCodes | None = None
+    head_ended: bool = False  # END_STREAM on the response HEADERS: Trailers-Only
 
     @property
     def status(self) -> int:
