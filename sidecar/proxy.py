@@ -433,7 +433,15 @@ class Proxy:
             reason = Reason.UPSTREAM_RESET
         else:
             reason = Reason.TIMEOUT
-        await self._error(out, record, reason, route, attempts=ex.attempts, detail=attempt.detail)
+        await self._error(
+            out,
+            record,
+            reason,
+            route,
+            attempts=ex.attempts,
+            detail=attempt.detail,
+            error_type=attempt.error_type,
+        )
 
     async def _error(
         self,
@@ -446,12 +454,15 @@ class Proxy:
         status: int | None = None,
         attempts: int | None = None,
         retry_after: int | None = None,
+        error_type: str | None = None,
     ) -> None:
         record.error = reason
         attempts = attempts if attempts is not None else record.attempts
         if record.grpc:
             code = status if reason is Reason.FAULT_INJECTED and status is not None else None
-            await self._grpc_error(out, record, reason, detail, attempts, code, retry_after)
+            await self._grpc_error(
+                out, record, reason, detail, attempts, code, retry_after, error_type
+            )
             return
         answer = errors.error_answer(
             reason,
@@ -462,6 +473,7 @@ class Proxy:
             attempts=attempts,
             request_id=record.request_id,
             retry_after=retry_after,
+            proxy_error=error_type,
         )
         record.status = answer.status
         await out.send_whole(answer.status, None, answer.headers, answer.body, bodyless=False)
@@ -475,13 +487,14 @@ class Proxy:
         attempts: int,
         fault_status: int | None,
         retry_after: int | None,
+        error_type: str | None,
     ) -> None:
         """The sidecar's own answer to a gRPC call: Trailers-Only (HTTP 200, one head
         that ends the stream) with grpc-status, grpc-message and x-sidecar-error."""
         extra = [
             ("x-sidecar-attempts", str(attempts)),
             ("x-request-id", record.request_id or ""),
-            ("proxy-status", errors.proxy_status(reason)),
+            ("proxy-status", errors.proxy_status(reason, error_type)),
         ]
         if retry_after is not None:
             extra.append(("retry-after", str(retry_after)))

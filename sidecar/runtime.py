@@ -47,10 +47,20 @@ class ServiceRuntime:
         )
         self.in_flight = 0
         self._metrics = metrics
-        # Read when Prometheus scrapes, so the request path only touches a plain int.
-        metrics.in_flight.labels(config.name).set_function(lambda: self.in_flight)
+        self._publish_in_flight()
         self.m_overloaded = metrics.overloaded.labels(config.name)
         self._attempts: dict[tuple[str, str], Counter] = {}
+
+    def _publish_in_flight(self) -> None:
+        # Read when Prometheus scrapes, so the request path only touches a plain int.
+        self._metrics.in_flight.labels(self.name).set_function(lambda: self.in_flight)
+
+    def publish(self) -> None:
+        """Point this service's gauges at it again (a replacement built by a reload that
+        then failed had taken them over)."""
+        self._publish_in_flight()
+        self.breaker.publish()
+        self.cluster.publish()
 
     def count_attempt(self, endpoint: str, result: str) -> None:
         key = (endpoint, result)

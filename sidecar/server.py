@@ -229,8 +229,13 @@ class Sidecar:
                 await runtime.start_new()
             except Exception as exc:
                 # Nothing of the new generation runs (start_new closed it); the old one
-                # never stopped serving.
+                # never stopped serving. Its gauges are its own again, and the series of
+                # services only the failed config had are gone.
                 log.exception("config reload failed while starting the new services")
+                for svc in previous.services.values():
+                    svc.publish()
+                for name in set(new.services) - set(previous.services):
+                    self.metrics.forget_service(name)
                 return self._reload_failed([f"starting the new config failed: {exc!r}"])
             self.config = new
             self._runtime = runtime

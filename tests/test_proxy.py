@@ -595,19 +595,43 @@ async def test_request_id_and_attempts_are_never_doubled_by_an_echoing_upstream(
     writer.close()
 
 
-async def test_sidecar_errors_carry_proxy_status(upstream, sidecar, client):
+async def test_sidecar_errors_carry_proxy_status(upstream, raw_upstream, sidecar, client):
     up = await upstream()
     dead = free_port()
+
+    async def garbage(reader, writer) -> None:
+        await read_head(reader)
+        writer.write(b"HTTP/1.1 abc nonsense\r\n\r\n")
+        await writer.drain()
+
+    async def hang_up(reader, writer) -> None:
+        await read_head(reader)  # then close without a word
+
+    async def silent(reader, writer) -> None:
+        await read_head(reader)
+        await asyncio.sleep(1)
+
+    bad, gone, slow = (
+        await raw_upstream(garbage),
+        await raw_upstream(hang_up),
+        await raw_upstream(silent),
+    )
+    no_retry = "retries: { max_retries: 0 }"
     sc = await sidecar(
         f"""
     services:
       api: {{ endpoints: ["{up.address}"] }}
       dead: {{ endpoints: ["127.0.0.1:{dead}"] }}
+      unnamed: {{ endpoints: ["no-such-host.invalid:80"] }}
+      bad: {{ endpoints: ["{bad.address}"] }}
+      gone: {{ endpoints: ["{gone.address}"] }}
+      slow: {{ endpoints: ["{slow.address}"] }}
     routes:
-      - name: dead
-        match: {{ prefix: /dead }}
-        service: dead
-        retries: {{ max_retries: 0 }}
+      - {{ name: dead, match: {{ prefix: /dead }}, service: dead, {no_retry} }}
+      - {{ name: unnamed, match: {{ prefix: /unnamed }}, service: unnamed, {no_retry} }}
+      - {{ name: bad, match: {{ prefix: /bad }}, service: bad, {no_retry} }}
+      - {{ name: gone, match: {{ prefix: /gone }}, service: gone, {no_retry} }}
+      - {{ name: slow, match: {{ prefix: /slow }}, service: slow, timeout: 200ms, {no_retry} }}
       - {{ name: api, match: {{ prefix: /api }}, service: api }}
     """
     )
@@ -615,13 +639,17 @@ async def test_sidecar_errors_carry_proxy_status(upstream, sidecar, client):
         "/nowhere": ("no_route", "destination_not_found"),
         "/api/a%5Cb": ("bad_request", "http_request_error"),
         "/dead/x": ("upstream_unreachable", "connection_refused"),
+        "/unnamed/x": ("upstream_unreachable", "dns_error"),
+        "/bad/x": ("upstream_reset", "http_protocol_error"),
+        "/gone/x": ("upstream_reset", "connection_terminated"),
+        "/slow/x": ("timeout", "http_response_timeout"),
     }
     for path, (reason, error_type) in cases.items():
         async with client.get(f"{sc.url}{path}") as resp:
             assert resp.headers.get("x-sidecar-error") == reason, (path, resp.status)
             assert resp.headers["Proxy-Status"] == (
                 f'sidecar; error={error_type}; details="{reason}"'
-            )
+            ), path
     async with client.get(f"{sc.url}/api") as resp:  # a relayed answer carries none
         assert resp.status == 200
         assert "Proxy-Status" not in resp.headers

@@ -196,3 +196,54 @@ async def test_sighup_reloads_a_running_process(tmp_path, spawn):
     finally:
         assert proc.stop() == 0
         await runner.cleanup()
+
+
+async def test_a_reload_whose_new_services_fail_to_start_leaves_nothing_running(
+    upstream, sidecar, client, monkeypatch
+):
+    # Starting a service cannot fail from the config alone (discovery errors are kept
+    # inside the cluster), so a bug is simulated: the second new service's start raises.
+    from sidecar import runtime as runtime_module
+
+    b = await upstream()
+    sc = await sidecar(two_services(b.address, b.address))
+    old = sc.sidecar.runtime
+    started: list[runtime_module.ServiceRuntime] = []
+    real_start = runtime_module.ServiceRuntime.start
+
+    async def start(self: runtime_module.ServiceRuntime) -> None:
+        if self.name == "d":
+            raise RuntimeError("simulated bug while starting d")
+        await real_start(self)
+        started.append(self)
+
+    monkeypatch.setattr(runtime_module.ServiceRuntime, "start", start)
+    rewrite_config(
+        sc,
+        f"""
+    services:
+      c: {{ endpoints: ["{b.address}"] }}
+      d: {{ endpoints: ["{b.address}"] }}
+    routes:
+      - {{ name: c, match: {{ prefix: /c }}, service: c }}
+    """,
+    )
+    status, body = await reload(client, sc)
+    assert status == 400
+    assert body["ok"] is False
+    assert "simulated bug while starting d" in body["errors"][0]
+    # The old generation kept serving, and what the new one started was closed again.
+    assert sc.sidecar.runtime is old
+    async with client.get(f"{sc.url}/b") as resp:
+        assert resp.status == 200
+    assert [s.name for s in started] == ["c"]
+    assert started[0].recovery.tasks == 0
+    assert sc.sample("sidecar_config_reloads_total", result="failure") == 1
+    # The old services' gauges are theirs again; the failed config's services left none.
+    assert sc.sample("sidecar_circuit_breaker_state", service="a", state="closed") == 1
+    assert (
+        sc.metrics.registry.get_sample_value(
+            "sidecar_circuit_breaker_state", {"service": "c", "state": "closed"}
+        )
+        is None
+    )

@@ -74,12 +74,12 @@ class Cluster:
         self._health: HealthChecker | None = None
         if config.health_check is not None:
             self._health = HealthChecker(
-                config.name, config.health_check, lambda: self._endpoints, self._publish
+                config.name, config.health_check, lambda: self._endpoints, self.publish
             )
         self._outlier: OutlierDetector | None = None
         if config.outlier_detection is not None:
             self._outlier = OutlierDetector(
-                config.name, config.outlier_detection, self._owner, self._publish
+                config.name, config.outlier_detection, self._owner, self.publish
             )
         # Both result series exist from the start, so rate() and alerts see a zero.
         metrics.discovery_updates.labels(config.name, "success")
@@ -88,7 +88,7 @@ class Cluster:
             # Applied now, so a static service can pick before (or without) start().
             self.discovered(config.discovery.endpoints)
         else:
-            self._publish()
+            self.publish()
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -184,7 +184,7 @@ class Cluster:
         # One assignment each: pick() never sees a half-built list.
         self._by_address = by_address
         self._endpoints = list(by_address.values())
-        self._publish()
+        self.publish()
 
     def discovered(self, addresses: Sequence[Address]) -> None:
         """A source's complete new endpoint set (DiscoverySink)."""
@@ -238,7 +238,8 @@ class Cluster:
             counts[e.state] += 1
         return counts
 
-    def _publish(self) -> None:
+    def publish(self) -> None:
+        """Set sidecar_endpoints{service,state} from the current endpoint states."""
         self._metrics.set_endpoint_counts(self.name, self.counts())
 
     def snapshot(self) -> dict[str, Any]:

@@ -304,8 +304,16 @@ class ServiceBreaker:
         self._m_rejected = metrics.breaker_rejected.labels(service)
         self._m_trips = {r: metrics.breaker_trips.labels(service, r) for r in TripReason}
         metrics.init_breaker_series(service)
+        self.publish()
+
+    def publish(self) -> None:
+        """Point this service's state and failure-rate series at this breaker (again: a
+        reload that failed after building a replacement had taken them over)."""
+        self._metrics.set_breaker_state(self.service, self.state)
         # Read at scrape time: the request path never touches a gauge.
-        metrics.breaker_failure_rate.labels(service).set_function(lambda: self.failure_rate)
+        self._metrics.breaker_failure_rate.labels(self.service).set_function(
+            lambda: self.failure_rate
+        )
 
     # -- admission -------------------------------------------------------------------------
 

@@ -23,7 +23,15 @@ from multidict import CIMultiDictProxy
 from sidecar.endpoint import Endpoint
 from sidecar.grpc import parse_status
 from sidecar.tracing import TraceContext
-from sidecar.upstream.base import ConnectFailed, UpstreamClient, UpstreamRequest, UpstreamResponse
+from sidecar.upstream.base import (
+    ConnectFailed,
+    ConnectTimeout,
+    NameNotResolved,
+    UpstreamClient,
+    UpstreamProtocolError,
+    UpstreamRequest,
+    UpstreamResponse,
+)
 from sidecar.vocab import Outcome
 
 if TYPE_CHECKING:
@@ -137,10 +145,13 @@ def response_headers(upstream: CIMultiDictProxy[str]) -> list[tuple[str, str]]:
 class Attempt:
     """What one attempt produced: a response head, or the kind of failure.
 
-    `trial` is the breaker's admission for it.
+    `trial` is the breaker's admission for it. `error_type` is the RFC 9209
+    Proxy-Status error type of a failure (connection_refused, dns_error,
+    connection_timeout, connection_terminated, http_protocol_error, ...), None for a
+    response or when the reason's own type says it.
     """
 
-    __slots__ = ("detail", "endpoint", "kind", "response", "trial")
+    __slots__ = ("detail", "endpoint", "error_type", "kind", "response", "trial")
 
     def __init__(
         self,
@@ -148,11 +159,13 @@ class Attempt:
         endpoint: Endpoint,
         response: UpstreamResponse | None = None,
         detail: str | None = None,
+        error_type: str | None = None,
     ) -> None:
         self.kind = kind
         self.endpoint = endpoint
         self.response = response
         self.detail = detail
+        self.error_type = error_type
         self.trial: Trial | None = None
 
     @property
@@ -199,11 +212,22 @@ async def send(
             endpoint, request, connect_timeout=connect_timeout, deadline=deadline
         )
     except ConnectFailed as exc:
-        return Attempt(Outcome.CONNECT_ERROR, endpoint, detail=_describe(exc))
+        if isinstance(exc, NameNotResolved):
+            kind = "dns_error"
+        elif isinstance(exc, ConnectTimeout):
+            kind = "connection_timeout"
+        else:
+            kind = "connection_refused"
+        return Attempt(Outcome.CONNECT_ERROR, endpoint, detail=_describe(exc), error_type=kind)
     except TimeoutError:
         return Attempt(Outcome.TIMEOUT, endpoint, detail=f"no response within {limit * 1000:.0f}ms")
     except OSError as exc:  # UpstreamBroken, and resets the kernel reports on write
-        return Attempt(Outcome.RESET, endpoint, detail=_describe(exc))
+        kind = (
+            "http_protocol_error"
+            if isinstance(exc, UpstreamProtocolError)
+            else "connection_terminated"
+        )
+        return Attempt(Outcome.RESET, endpoint, detail=_describe(exc), error_type=kind)
     return Attempt(Outcome.RESPONSE, endpoint, response=response)
 
 

@@ -12,8 +12,10 @@ deadline passed) and `asyncio.CancelledError` (never caught here):
 
     ConnectFailed   no connection could be made; nothing of the request left
     ConnectTimeout  ... because the connect did not finish in `connect_timeout`
-    UpstreamBroken  the exchange broke after connecting, or the upstream's bytes are not
-                    valid HTTP (`sent` says whether any byte of the request was handed over)
+    NameNotResolved ... because the host name did not resolve
+    UpstreamBroken  the exchange broke after connecting (`sent` says whether any byte of
+                    the request was handed over)
+    UpstreamProtocolError  ... because the upstream's bytes are not valid HTTP
 
 A client resends a request by itself only where the upstream cannot have processed it
 (docs/contract.md#resends, "A request is sent twice only when the policy allows it"): a pooled
@@ -50,12 +52,21 @@ class ConnectTimeout(ConnectFailed):
     """The connection was not made within its time."""
 
 
+class NameNotResolved(ConnectFailed):
+    """The endpoint's host name did not resolve: no connection could be attempted."""
+
+
 class UpstreamBroken(UpstreamError):
     """The connection broke, or the upstream sent something that is not valid HTTP."""
 
     def __init__(self, message: str, *, sent: bool = True) -> None:
         super().__init__(message)
         self.sent = sent  # False: not one byte of the request was handed to the connection
+
+
+class UpstreamProtocolError(UpstreamBroken):
+    """The upstream's bytes are not valid HTTP (or break a limit): the connection is
+    dropped because of what the upstream sent, not because it went away."""
 
 
 @dataclass(slots=True)

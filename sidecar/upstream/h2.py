@@ -59,6 +59,7 @@ from sidecar.upstream.base import (
     ConnectFailed,
     ConnectTimeout,
     UpstreamBroken,
+    UpstreamProtocolError,
     UpstreamRequest,
 )
 
@@ -285,7 +286,7 @@ class _Connection(asyncio.Protocol):
         except (FrameError, h2.exceptions.ProtocolError) as exc:
             log.info("HTTP/2 protocol error from upstream %s: %s", self.key, exc)
             self.flush()
-            self._fail_all(UpstreamBroken(f"invalid HTTP/2 from upstream: {exc}"))
+            self._fail_all(UpstreamProtocolError(f"invalid HTTP/2 from upstream: {exc}"))
             self.close()
             return
         self.flush()
@@ -597,7 +598,7 @@ def _status(raw: list[tuple[bytes, bytes]]) -> int:
     for name, value in raw:
         if name == b":status":
             return int(value)
-    raise UpstreamBroken("response without :status")
+    raise UpstreamProtocolError("response without :status")
 
 
 def _resendable(body: Body, started: bool) -> bool:

@@ -39,17 +39,29 @@ from __future__ import annotations
 import asyncio
 import socket
 from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING, Final, cast
+from typing import Final, Protocol, cast
 
 import httptools
 from multidict import CIMultiDict, CIMultiDictProxy
 
+from sidecar.tasks import TaskOwner
 from sidecar.upstream import response_headers
-from sidecar.upstream.base import InterimSink, UpstreamBroken, UpstreamError
+from sidecar.upstream.base import (
+    InterimSink,
+    UpstreamBroken,
+    UpstreamError,
+    UpstreamProtocolError,
+)
 from sidecar.upstream.h1.response import H1Response
 
-if TYPE_CHECKING:
-    from sidecar.upstream.h1.pool import UpstreamPool
+
+class Home(Protocol):
+    """What a connection needs of its pool (`UpstreamPool`)."""
+
+    tasks: TaskOwner  # owns the tasks writing request bodies
+
+    def release(self, conn: H1Connection) -> None: ...
+
 
 MAX_HEAD_BYTES: Final = 64 * 1024  # status line, one field, or all fields of one head
 MAX_FIELDS: Final = 100  # header fields of one head (trailer fields of one response)
@@ -121,7 +133,7 @@ def keep_alive_limit(value: str) -> float | None:
 class H1Connection(asyncio.Protocol):
     """One TCP connection to an endpoint, carrying one exchange at a time."""
 
-    def __init__(self, pool: UpstreamPool, key: str, sock: socket.socket) -> None:
+    def __init__(self, pool: Home, key: str, sock: socket.socket) -> None:
         self.pool = pool
         self.key = key
         self.sock = sock  # our own socket object: the pool peeks at it before reuse
@@ -173,7 +185,7 @@ class H1Connection(asyncio.Protocol):
                 self._stall += len(data)
                 if self._stall > MAX_HEAD_BYTES:
                     self._fail(
-                        UpstreamBroken(
+                        UpstreamProtocolError(
                             f"upstream chunk framing or trailers over {MAX_HEAD_BYTES} bytes"
                         )
                     )
@@ -222,7 +234,9 @@ class H1Connection(asyncio.Protocol):
             if not self._feed(data[:room]):
                 return
             if self._state == _HEAD and self._heads == heads:
-                self._fail(UpstreamBroken(f"upstream response head over {MAX_HEAD_BYTES} bytes"))
+                self._fail(
+                    UpstreamProtocolError(f"upstream response head over {MAX_HEAD_BYTES} bytes")
+                )
                 return
             data = data[room:]
 
@@ -230,7 +244,7 @@ class H1Connection(asyncio.Protocol):
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade:
-            self._fail(UpstreamBroken("upstream switched protocols without being asked"))
+            self._fail(UpstreamProtocolError("upstream switched protocols without being asked"))
             return False
         except httptools.HttpParserError as exc:
             refusal = self._refusal
@@ -240,7 +254,7 @@ class H1Connection(asyncio.Protocol):
                 self.poisoned = True  # garbage after a complete response
                 self.close()
             else:
-                self._fail(UpstreamBroken(f"malformed response from upstream: {exc}"))
+                self._fail(UpstreamProtocolError(f"malformed response from upstream: {exc}"))
             return False
         return True
 
@@ -407,7 +421,7 @@ class H1Connection(asyncio.Protocol):
     def _refuse(self, message: str) -> _Stop:
         """What a parser callback raises to refuse the response: llhttp stops, and
         `_feed` fails the exchange with this message."""
-        self._refusal = UpstreamBroken(message)
+        self._refusal = UpstreamProtocolError(message)
         return _Stop(message)
 
     def _check_reason(self, reason: bytes) -> str | None:
@@ -443,6 +457,10 @@ class H1Connection(asyncio.Protocol):
         self._field_bytes = 0
         self.request_done = False
         self._head = self._loop.create_future()
+
+    def release(self) -> None:
+        """Its response is done with: the pool keeps the connection or closes it."""
+        self.pool.release(self)
 
     def reuse_ok(self, now: float) -> bool:
         """May this idle connection carry another request? Cheap checks first."""

@@ -19,7 +19,7 @@ import socket
 from collections.abc import Awaitable, Callable
 from typing import Any, Final
 
-from sidecar.upstream.base import ConnectFailed
+from sidecar.upstream.base import NameNotResolved
 
 # (family, sockaddr) pairs to connect to, in the resolver's order.
 Addresses = list[tuple[int, Any]]
@@ -29,7 +29,7 @@ DNS_TTL: Final = 5.0
 MAX_ENTRIES: Final = 1024
 
 
-class ResolveFailed(ConnectFailed):
+class ResolveFailed(NameNotResolved):
     """The host name did not resolve: no connection could be attempted."""
 
 

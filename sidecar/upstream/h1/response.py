@@ -12,17 +12,25 @@ from __future__ import annotations
 import asyncio
 from collections import deque
 from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING, Final
+from typing import Final, Protocol
 
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from sidecar.upstream.base import UpstreamError
 
-if TYPE_CHECKING:
-    from sidecar.upstream.h1.connection import H1Connection
-
 READ_HIGH_WATER: Final = 256 * 1024  # buffered response bytes before we pause the socket
 READ_LOW_WATER: Final = 64 * 1024
+
+
+class Carrier(Protocol):
+    """What a response needs of the connection it arrived on (`H1Connection`)."""
+
+    @property
+    def transport(self) -> asyncio.Transport | None: ...
+
+    def release(self) -> None:
+        """The response is done with: pool the connection again, or close it."""
+        ...
 
 
 class H1Response:
@@ -47,7 +55,7 @@ class H1Response:
     )
 
     def __init__(
-        self, conn: H1Connection, status: int, reason: str | None, headers: CIMultiDict[str]
+        self, conn: Carrier, status: int, reason: str | None, headers: CIMultiDict[str]
     ) -> None:
         self._conn = conn
         self.status = status
@@ -143,4 +151,4 @@ class H1Response:
             transport = self._conn.transport
             if transport is not None:
                 transport.resume_reading()
-        self._conn.pool.release(self._conn)
+        self._conn.release()
