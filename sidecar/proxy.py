@@ -89,8 +89,13 @@ class Proxy:
             record.duration_ms = round(duration * 1000, 3)
             if route is not None:
                 route.count_request(record.status)
-                # The exemplar ties a bucket to a trace (shown with OpenMetrics).
-                route.m_duration.observe(duration, {"trace_id": record.trace_id or ""})
+                if record.traced:
+                    # The exemplar ties a bucket to a trace the app's tracing knows (shown
+                    # with OpenMetrics). A trace the sidecar started itself is exported
+                    # nowhere, so linking to it would lead nowhere; it gets none.
+                    route.m_duration.observe(duration, {"trace_id": record.trace_id or ""})
+                else:
+                    route.m_duration.observe(duration)
                 if record.grpc_code is not None:
                     route.count_grpc(record.grpc_code)
             self.access_log.emit(record)
@@ -114,6 +119,7 @@ class Proxy:
         record.request_id = rid
         trace = trace_context(headers.get("traceparent"))
         record.trace_id = trace.trace_id
+        record.traced = not trace.replaced
         runtime = self.runtime
 
         raw = inbound.target

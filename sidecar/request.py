@@ -29,6 +29,7 @@ class AccessRecord:
     grpc: bool = False  # a gRPC call (content-type application/grpc...)
     request_id: str | None = None
     trace_id: str | None = None
+    traced: bool = False  # the app sent a valid traceparent (its trace is known elsewhere)
     route: str | None = None
     service: str | None = None
     path: str | None = None

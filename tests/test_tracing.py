@@ -26,7 +26,12 @@ VALID = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
 )
 def test_valid_traceparents(value):
     assert valid_trace_id(value) == "0af7651916cd43dd8448eb211c80319c"
-    assert trace_context(value) == (valid_trace_id(value), value, False)
+    trace = trace_context(value)
+    assert (trace.trace_id, trace.traceparent, trace.replaced) == (
+        valid_trace_id(value),
+        value,
+        False,
+    )
 
 
 @pytest.mark.parametrize(
@@ -124,3 +129,20 @@ async def test_duration_buckets_carry_trace_id_exemplars_with_openmetrics(
     assert all('trace_id="0af7651916cd43dd8448eb211c80319c"' in line for line in exemplars)
     async with client.get(f"{sc.admin_url}/metrics") as resp:  # plain text: no exemplars
         assert " # {" not in await resp.text()
+
+
+async def test_a_trace_the_sidecar_started_gets_no_exemplar(upstream, sidecar, client):
+    # It is exported nowhere (the sidecar sends no spans): an exemplar would lead nowhere.
+    up = await upstream()
+    sc = await sidecar(one_service(up.address))
+    async with client.get(f"{sc.url}/api") as resp:
+        assert resp.status == 200
+    accept = {"Accept": "application/openmetrics-text; version=1.0.0; charset=utf-8"}
+    async with client.get(f"{sc.admin_url}/metrics", headers=accept) as resp:
+        text = await resp.text()
+    buckets = [
+        line
+        for line in text.splitlines()
+        if line.startswith("sidecar_request_duration_seconds_bucket")
+    ]
+    assert buckets and not any(" # {" in line for line in buckets)
