@@ -169,7 +169,7 @@ def find_manifest(kind: str, name: str | None = None) -> dict[str, Any]:
 
 def sidecar_container(deployment: dict[str, Any]) -> dict[str, Any]:
     spec = deployment["spec"]["template"]["spec"]
-    found = [
+    found: list[dict[str, Any]] = [
         c
         for c in spec.get("initContainers", []) + spec["containers"]
         if c["image"].split(":")[0].rsplit("/", 1)[-1] == "sidecar"

@@ -349,7 +349,9 @@ async def test_one_port_serves_http1_and_h2c_and_refuses_upgrade(sidecar, upstre
         head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
         assert head.startswith(b"HTTP/1.1 200 "), head
         assert b"upgrade" not in head.lower()
-        length = int(re.search(rb"(?i)content-length: (\d+)", head).group(1))  # type: ignore[union-attr]
+        declared = re.search(rb"(?i)content-length: (\d+)", head)
+        assert declared is not None, head
+        length = int(declared.group(1))
         await reader.readexactly(length)
         writer.write(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
         rest = await asyncio.wait_for(reader.read(65536), 5)
@@ -1200,7 +1202,8 @@ async def test_the_demo_banner_grpc_command_calls_the_greeter(spawn, tmp_path):
             assert "(grpcio): OK" in out
             assert "reply: hello, newcomer (greeter, attempt " in out
         # One call in four is UNAVAILABLE at the greeter; the route retries it.
-        attempts = [re.search(r"x-sidecar-attempts: (\d)", out).group(1) for out in outputs]  # type: ignore[union-attr]
+        found = [re.search(r"x-sidecar-attempts: (\d)", out) for out in outputs]
+        attempts = [m.group(1) if m is not None else None for m in found]
         assert attempts == ["1", "1", "1", "2"]
 
         # Without grpcio, the sidecar's own h2c client makes the same call.

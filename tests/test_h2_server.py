@@ -445,7 +445,7 @@ async def test_app_not_reading_the_socket_bounds_what_is_buffered(
     assert connection.transport is not None
     sock = connection.transport.get_extra_info("socket")
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
-    client.writer.transport.pause_reading()  # from here on, nothing is read from the socket
+    client.stop_reading()  # from here on, nothing is read from the socket
     client.conn.send_headers(1, get("/big"), end_stream=True)
     client.flush()
     held = -1
@@ -509,7 +509,7 @@ async def test_answers_left_unread(
     assert connection.transport is not None
     sock = connection.transport.get_extra_info("socket")
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)  # our kernel buffer: small
-    client.writer.transport.pause_reading()  # never read an answer
+    client.stop_reading()  # never read an answer
     ping = PingFrame(0, opaque_data=b"abcdefgh").serialize()
     caplog.set_level(logging.INFO, logger="sidecar.h2")
     with pytest.raises(ConnectionError):

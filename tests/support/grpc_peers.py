@@ -14,7 +14,7 @@ import contextlib
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 import grpc
 import h2.config
@@ -393,7 +393,7 @@ class RawH2Client:
         cls,
         port: int,
         *,
-        settings: dict[int, int] | None = None,
+        settings: dict[h2.settings.SettingCodes, int] | None = None,
         preface: bool = True,
         rcvbuf: int | None = None,
     ) -> RawH2Client:
@@ -427,6 +427,11 @@ class RawH2Client:
 
     def write(self, data: bytes) -> None:
         self.writer.write(data)
+
+    def stop_reading(self) -> None:
+        """Read nothing more from the socket: what the server sends stays in the kernel."""
+        # open_connection's transport reads and writes; StreamWriter types it write-only.
+        cast(asyncio.Transport, self.writer.transport).pause_reading()
 
     async def read_some(self, timeout: float = 5.0) -> list[h2.events.Event]:
         """Whatever arrives next (at least one read), as h2 events."""
