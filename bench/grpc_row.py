@@ -60,7 +60,7 @@ def probe(port: int, timeout: float = 5.0) -> str | None:
     except ImportError:
         return "grpcio is not installed (pip install -e '.[dev]')"
     with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-        call = channel.unary_unary(PATH)
+        call: grpc.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(PATH)  # raw bytes
         try:
             answer = call(MESSAGE, timeout=timeout)
         except grpc.RpcError as exc:

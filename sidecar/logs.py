@@ -16,7 +16,7 @@ import sys
 import threading
 import time
 from json.encoder import encode_basestring_ascii as _encode_str
-from typing import IO, TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
     from sidecar.request import AccessRecord
@@ -24,10 +24,17 @@ if TYPE_CHECKING:
 _STOP = object()
 
 
+class TextSink(Protocol):
+    """Where the writer thread writes lines: stdout, or any text stream."""
+
+    def write(self, text: str, /) -> int: ...
+    def flush(self) -> None: ...
+
+
 class LineWriter:
     """Writes queued lines to a stream from one daemon thread."""
 
-    def __init__(self, stream: IO[str] | None = None) -> None:
+    def __init__(self, stream: TextSink | None = None) -> None:
         self._stream = stream if stream is not None else sys.stdout
         self._queue: queue.SimpleQueue[object] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="sidecar-log-writer", daemon=True)
@@ -69,7 +76,7 @@ class LineWriter:
             self._write(stream, batch)
 
     @staticmethod
-    def _write(stream: IO[str], batch: list[str]) -> None:
+    def _write(stream: TextSink, batch: list[str]) -> None:
         if not batch:
             return
         try:

@@ -14,8 +14,8 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import Protocol
 
-from sidecar.http.base import Inbound
 from sidecar.upstream import Attempt
 from sidecar.upstream.base import Body, InterimSink
 from sidecar.vocab import Reason
@@ -40,6 +40,14 @@ class AccessRecord:
     grpc_code: int | None = None  # a gRPC call's final status, as the app saw it
 
 
+class BodySource(Protocol):
+    """What a `StreamedBody` reads: the app's body in chunks (every `Inbound` is one)."""
+
+    async def read_chunk(self) -> bytes:
+        """The next piece of the body; b"" at its end."""
+        ...
+
+
 class StreamedBody:
     """A request body sent as it arrives, straight from the app.
 
@@ -60,7 +68,7 @@ class StreamedBody:
         "started",
     )
 
-    def __init__(self, inbound: Inbound, prefix: bytes = b"", *, keep: int = 0) -> None:
+    def __init__(self, inbound: BodySource, prefix: bytes = b"", *, keep: int = 0) -> None:
         self._inbound = inbound
         self._prefix = prefix  # what was read while deciding it was too large to buffer
         self._keep = keep

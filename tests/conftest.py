@@ -230,7 +230,7 @@ async def sidecar(tmp_path: Path) -> AsyncIterator[Callable[..., Awaitable[Runni
         path.write_text(sidecar_yaml(body, listen, admin, drain))
         config, _warnings = load_config(path)
         capture = _Capture()
-        writer = LineWriter(capture)  # type: ignore[arg-type]
+        writer = LineWriter(capture)
         if upstream_client is None:
             sc = Sidecar(config, log_writer=writer)
         else:  # the conformance suite runs every case over each client

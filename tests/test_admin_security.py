@@ -14,6 +14,7 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import RunningSidecar
 from helpers import free_port, one_service, sidecar_yaml
 from multidict import CIMultiDict
 
@@ -61,7 +62,7 @@ async def raw(port: int, head: str, body: bytes = b"") -> tuple[int, dict[str, s
     return status, headers, rest
 
 
-def reloads(sc) -> float:
+def reloads(sc: RunningSidecar) -> float:
     return sc.sample("sidecar_config_reloads_total", result="success") + sc.sample(
         "sidecar_config_reloads_total", result="failure"
     )

@@ -12,11 +12,12 @@ from __future__ import annotations
 import asyncio
 import math
 import random
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from itertools import pairwise
 from typing import Any
 
 import pytest
+from support import current_state
 from support.fake_upstream import (
     AppBody,
     Break,
@@ -96,7 +97,7 @@ def seeded() -> Iterator[int]:
     random.setstate(state)
 
 
-Run = Callable[..., Awaitable[Exchange]]
+Run = Callable[..., Coroutine[Any, Any, Exchange]]
 
 
 @pytest.fixture
@@ -482,7 +483,7 @@ async def test_the_attempt_that_opens_the_breaker_is_the_answer_and_stops_the_re
     ex = await run(route)
     breaker = route.service.breaker
     assert ex.attempts == 2  # the second failed attempt crossed the rate: no third
-    assert breaker.state is BreakerState.OPEN
+    assert current_state(breaker) is BreakerState.OPEN
     assert breaker.trip_reason is TripReason.FAILURE_RATE
     assert ex.last is not None and ex.last.status == 503 and ex.refused is None
     done(route, ex)
@@ -505,12 +506,12 @@ async def test_the_consecutive_rule_counts_requests_not_attempts(
         client.script(Respond(503), Respond(503), Respond(200))
         done(route, await run(route))
         assert breaker.snapshot()["failures"] == 0
-    assert breaker.state is BreakerState.CLOSED
+    assert current_state(breaker) is BreakerState.CLOSED
     client.default = Respond(503)
     done(route, await run(route))
-    assert breaker.state is BreakerState.CLOSED and breaker.snapshot()["failures"] == 1
+    assert current_state(breaker) is BreakerState.CLOSED and breaker.snapshot()["failures"] == 1
     done(route, await run(route))
-    assert breaker.state is BreakerState.OPEN
+    assert current_state(breaker) is BreakerState.OPEN
     assert breaker.trip_reason is TripReason.CONSECUTIVE
 
 
@@ -518,7 +519,7 @@ async def open_breaker(route: LoopRoute, client: ScriptedClient, run: Run) -> No
     """One request failing once; with failure_threshold 1 it opens the breaker."""
     client.script(Respond(503))
     done(route, await run(route, max_retries=0))
-    assert route.service.breaker.state is BreakerState.OPEN
+    assert current_state(route.service.breaker) is BreakerState.OPEN
 
 
 TRIAL = CircuitBreakerConfig(
@@ -539,7 +540,7 @@ async def test_half_open_admits_one_trial_at_a_time_and_refuses_the_rest(
     try:
         trial = owner.spawn(run(route), "trial")
         await gate.wait_reached()
-        assert breaker.state is BreakerState.HALF_OPEN
+        assert current_state(breaker) is BreakerState.HALF_OPEN
         other = await run(route)  # while the trial is in flight
         assert (other.attempts, other.refused, other.retry_after) == (0, Reason.CIRCUIT_OPEN, 1.0)
         gate.open()
@@ -549,10 +550,10 @@ async def test_half_open_admits_one_trial_at_a_time_and_refuses_the_rest(
     assert ex.last is not None and ex.last.status == 200
     # A success is judged when it is settled (its body could still break): the slot is
     # held until then.
-    assert breaker.state is BreakerState.HALF_OPEN
+    assert current_state(breaker) is BreakerState.HALF_OPEN
     assert breaker.snapshot()["trials_in_flight"] == 1
     done(route, ex)
-    assert breaker.state is BreakerState.CLOSED
+    assert current_state(breaker) is BreakerState.CLOSED
     assert len(client.sent) == 2
 
 
@@ -566,7 +567,7 @@ async def test_a_failed_trial_reopens_the_breaker_and_is_not_retried(
     client.script(Refuse())  # a connect failure would be retried, but not into an open breaker
     ex = await run(route)
     assert ex.attempts == 1 and route.retries == 0
-    assert breaker.state is BreakerState.OPEN
+    assert current_state(breaker) is BreakerState.OPEN
     assert breaker.open_period == 10.0  # a failed trial doubles the period
 
 
@@ -670,7 +671,7 @@ async def test_a_cancelled_attempt_is_abandoned_and_counted_nowhere(
     assert service.endpoint(EP1).in_flight == 0
     assert service.attempts == {}
     assert (breaker.window_calls, breaker.snapshot()["failures"]) == (0, 0)
-    assert breaker.state is BreakerState.CLOSED
+    assert current_state(breaker) is BreakerState.CLOSED
     assert service.endpoint(EP1).ejection.failures == 0
     assert route.budget.tokens == RESERVE and route.retries == 0
     client.script(Respond(200))  # and the next request is served as usual
@@ -688,7 +689,7 @@ async def test_a_cancelled_trial_reopens_the_breaker_for_the_same_period(
     gate = Gate()
     client.script(gate)
     await cancel_at(gate, run(route))
-    assert breaker.state is BreakerState.OPEN
+    assert current_state(breaker) is BreakerState.OPEN
     assert breaker.open_period == 5.0  # not doubled: a cancelled trial is no evidence
     assert breaker.snapshot()["trials_in_flight"] == 0
     assert route.service.attempts == {(EP1, "5xx"): 1}  # the opening request's only

@@ -121,7 +121,7 @@ def test_make_balancer_names() -> None:
     assert isinstance(make_balancer("least_request"), LeastRequest)
     assert isinstance(make_balancer("random"), RandomBalancer)
     with pytest.raises(ValueError, match="unknown"):
-        make_balancer("fastest")  # type: ignore[arg-type]
+        make_balancer("fastest")  # type: ignore[arg-type]  # an unknown name is the point
 
 
 def test_endpoint_state_and_availability() -> None:

@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 from prometheus_client import CollectorRegistry
+from support import current_state
 
 from sidecar.config.model import CircuitBreakerConfig, FailureRateConfig, SlowCallConfig
 from sidecar.metrics import Metrics
@@ -106,7 +107,7 @@ def request(breaker: ServiceBreaker, *outcomes: str) -> int:
         except CircuitOpen:
             break
         made += 1
-        if outcome == OK or breaker.state is BreakerState.OPEN:
+        if outcome == OK or current_state(breaker) is BreakerState.OPEN:
             break
     if last is not None:
         last.request_done()
@@ -141,14 +142,14 @@ def gauge(metrics: Metrics, state: str) -> float | None:
 
 def open_breaker(breaker: ServiceBreaker) -> None:
     failed_requests(breaker, breaker.config.failure_threshold)
-    assert breaker.state is BreakerState.OPEN
+    assert current_state(breaker) is BreakerState.OPEN
 
 
 def half_open(breaker: ServiceBreaker, clock: FakeClock) -> None:
     """Wait out the current open period (on the fake clock) and half-open."""
     clock.advance(breaker.open_remaining())
     assert breaker.end_open_period()
-    assert breaker.state is BreakerState.HALF_OPEN
+    assert current_state(breaker) is BreakerState.HALF_OPEN
 
 
 # -- the consecutive rule counts requests ------------------------------------------------
@@ -160,10 +161,10 @@ def test_opens_at_exactly_the_threshold_th_consecutive_failed_request(
     breaker = make_breaker(failure_threshold=5)
     for n in range(1, 5):
         assert request(breaker, FAIL, FAIL, FAIL) == 3  # default retries: three attempts
-        assert breaker.state is BreakerState.CLOSED
+        assert current_state(breaker) is BreakerState.CLOSED
         assert breaker.snapshot()["failures"] == n
     assert request(breaker, FAIL, FAIL, FAIL) == 3
-    assert breaker.state is BreakerState.OPEN
+    assert current_state(breaker) is BreakerState.OPEN
     assert breaker.trip_reason is TripReason.CONSECUTIVE
     assert trips(metrics, "consecutive") == 1
     assert request(breaker, FAIL) == 0  # refused from now on
@@ -175,7 +176,7 @@ def test_failed_attempts_that_end_in_success_are_not_failed_requests(
     breaker = make_breaker(failure_threshold=3)
     for _ in range(10):
         request(breaker, FAIL, FAIL, OK)  # 20 failed attempts, but every request succeeds
-    assert breaker.state is BreakerState.CLOSED
+    assert current_state(breaker) is BreakerState.CLOSED
     assert breaker.snapshot()["failures"] == 0
 
 
@@ -185,9 +186,9 @@ def test_a_successful_request_resets_the_run(make_breaker: MakeBreaker) -> None:
     request(breaker, OK)
     assert breaker.snapshot()["failures"] == 0
     failed_requests(breaker, 2)
-    assert breaker.state is BreakerState.CLOSED
+    assert current_state(breaker) is BreakerState.CLOSED
     failed_requests(breaker, 1)
-    assert breaker.state is BreakerState.OPEN
+    assert current_state(breaker) is BreakerState.OPEN
 
 
 @pytest.mark.parametrize("max_retries", [0, 2, 3])
@@ -201,9 +202,9 @@ def test_all_attempts_refused_open_at_the_fifth_request_whatever_the_retries(
     attempts = (CONNECT,) * (max_retries + 1)
     for _ in range(4):
         assert request(breaker, *attempts) == max_retries + 1
-    assert breaker.state is BreakerState.CLOSED
+    assert current_state(breaker) is BreakerState.CLOSED
     assert request(breaker, *attempts) == max_retries + 1
-    assert breaker.state is BreakerState.OPEN
+    assert current_state(breaker) is BreakerState.OPEN
     assert breaker.trip_reason is TripReason.CONSECUTIVE
     assert breaker.transport_evidence
 
@@ -212,7 +213,7 @@ def test_a_request_without_request_done_never_counts(make_breaker: MakeBreaker) 
     breaker = make_breaker(failure_threshold=1)
     for _ in range(5):
         attempt(breaker, FAIL)  # attempts of requests still retrying
-    assert breaker.state is BreakerState.CLOSED
+    assert current_state(breaker) is BreakerState.CLOSED
     assert breaker.snapshot()["failures"] == 0
 
 
@@ -227,11 +228,11 @@ def test_failure_rate_trips_once_min_calls_are_in_the_window(
     )
     for _ in range(19):
         attempt(breaker, FAIL)
-    assert breaker.state is BreakerState.CLOSED  # 19 calls: the rule waits
+    assert current_state(breaker) is BreakerState.CLOSED  # 19 calls: the rule waits
     assert breaker.window_calls == 19
     assert breaker.failure_rate == 1.0
     attempt(breaker, FAIL)
-    assert breaker.state is BreakerState.OPEN
+    assert current_state(breaker) is BreakerState.OPEN
     assert breaker.trip_reason is TripReason.FAILURE_RATE
     assert trips(metrics, "failure_rate") == 1
     assert trips(metrics, "consecutive") == 0
@@ -246,10 +247,10 @@ def test_failure_rate_at_exactly_the_threshold_trips_on_a_failure(
     for _ in range(10):
         request(breaker, FAIL, OK)  # 50 % of attempts fail; every request succeeds
     # 20 calls, 10 failed: but the 20th call was a success, and only failures trip.
-    assert breaker.state is BreakerState.CLOSED
+    assert current_state(breaker) is BreakerState.CLOSED
     assert breaker.failure_rate == 0.5
     attempt(breaker, FAIL)  # 11 of 21
-    assert breaker.state is BreakerState.OPEN
+    assert current_state(breaker) is BreakerState.OPEN
     assert breaker.trip_reason is TripReason.FAILURE_RATE
 
 
@@ -259,7 +260,7 @@ def test_below_the_threshold_never_trips(make_breaker: MakeBreaker) -> None:
         request(breaker, OK)
         request(breaker, OK)
         request(breaker, FAIL, OK)  # 1 of 4 attempts fails
-    assert breaker.state is BreakerState.CLOSED
+    assert current_state(breaker) is BreakerState.CLOSED
     assert breaker.failure_rate == pytest.approx(0.25)
 
 
@@ -279,7 +280,7 @@ def test_the_window_slides(make_breaker: MakeBreaker, clock: FakeClock) -> None:
     assert breaker.failure_rate == 0.0
     for _ in range(5):
         attempt(breaker, FAIL)  # 5 of 20: far below
-    assert breaker.state is BreakerState.CLOSED
+    assert current_state(breaker) is BreakerState.CLOSED
     clock.advance(10)
     assert breaker.window_calls == 0
     assert breaker.failure_rate == 0.0  # an empty window reads 0
@@ -295,16 +296,16 @@ def test_a_short_window_forgets_in_fine_steps(make_breaker: MakeBreaker, clock: 
     clock.advance(2.05)  # 0.2 s buckets: all nine have left
     for _ in range(9):
         attempt(breaker, FAIL)
-    assert breaker.state is BreakerState.CLOSED
+    assert current_state(breaker) is BreakerState.CLOSED
     attempt(breaker, FAIL)
-    assert breaker.state is BreakerState.OPEN
+    assert current_state(breaker) is BreakerState.OPEN
 
 
 def test_failure_rate_off_leaves_only_consecutive(make_breaker: MakeBreaker) -> None:
     breaker = make_breaker(failure_threshold=1000, failure_rate=None)
     for _ in range(500):
         attempt(breaker, FAIL)
-    assert breaker.state is BreakerState.CLOSED
+    assert current_state(breaker) is BreakerState.CLOSED
     assert breaker.failure_rate == 1.0  # still measured, for /admin/state and the gauge
 
 
@@ -317,7 +318,7 @@ def test_ignored_and_abandoned_attempts_are_not_calls(make_breaker: MakeBreaker)
         breaker.admit().abandon()
     assert breaker.window_calls == 0
     assert breaker.snapshot()["failures"] == 0
-    assert breaker.state is BreakerState.CLOSED
+    assert current_state(breaker) is BreakerState.CLOSED
 
 
 # -- the slow-call rule --------------------------------------------------------------------
@@ -335,12 +336,12 @@ def test_slow_calls_trip_on_their_share_failed_or_not(
     for _ in range(6):
         attempt(breaker, OK, clock, took=1.5)
     attempt(breaker, TIMEOUT, clock, took=2.0)  # a failed slow call counts as slow too
-    assert breaker.state is BreakerState.CLOSED  # 9 calls: below min_calls
+    assert current_state(breaker) is BreakerState.CLOSED  # 9 calls: below min_calls
     assert breaker.slow_call_rate == pytest.approx(7 / 9)
     request_trial = breaker.admit()
     clock.advance(1.5)
     request_trial.success()  # 8 of 10 slow: 80 %
-    assert breaker.state is BreakerState.OPEN
+    assert current_state(breaker) is BreakerState.OPEN
     assert breaker.trip_reason is TripReason.SLOW_CALL
     assert trips(metrics, "slow_call") == 1
 
@@ -352,9 +353,9 @@ def test_slow_call_with_failure_rate_off_uses_the_default_gate(
     gate = FailureRateConfig().min_calls
     for _ in range(gate - 1):
         attempt(breaker, OK, clock, took=0.11)  # 50 of them fit in the default 10 s window
-    assert breaker.state is BreakerState.CLOSED
+    assert current_state(breaker) is BreakerState.CLOSED
     attempt(breaker, OK, clock, took=0.11)
-    assert breaker.state is BreakerState.OPEN
+    assert current_state(breaker) is BreakerState.OPEN
     assert breaker.trip_reason is TripReason.SLOW_CALL
 
 
@@ -363,7 +364,7 @@ def test_without_slow_call_nothing_is_slow(make_breaker: MakeBreaker, clock: Fak
     for _ in range(10):
         attempt(breaker, OK, clock, took=60.0)
     assert breaker.slow_call_rate == 0.0
-    assert breaker.state is BreakerState.CLOSED
+    assert current_state(breaker) is BreakerState.CLOSED
 
 
 # -- which rule is named ---------------------------------------------------------------------
@@ -391,7 +392,7 @@ def test_failure_rate_is_named_before_slow_call(
     attempt(breaker, OK, clock, took=0.1)
     attempt(breaker, OK, clock, took=0.1)
     attempt(breaker, TIMEOUT, clock, took=2.0)  # failed and slow; 3 calls: the rules wait
-    assert breaker.state is BreakerState.CLOSED
+    assert current_state(breaker) is BreakerState.CLOSED
     attempt(breaker, TIMEOUT, clock, took=2.0)  # 2 of 4 failed, 2 of 4 slow: both fire
     assert breaker.trip_reason is TripReason.FAILURE_RATE
     assert trips(metrics, "failure_rate") == 1
@@ -408,7 +409,7 @@ def test_the_tripping_attempt_resolves_normally_and_later_ones_are_refused(
     trial = breaker.admit()
     trial.failure("connect_error", Outcome.CONNECT_ERROR)  # returns: no exception
     trial.request_done()
-    assert breaker.state is BreakerState.OPEN
+    assert current_state(breaker) is BreakerState.OPEN
     with pytest.raises(CircuitOpen) as info:
         breaker.admit()
     assert info.value.state is BreakerState.OPEN
@@ -429,7 +430,7 @@ def test_retry_after_while_open_is_the_rest_of_the_open_period(
         breaker.admit()
     assert info.value.retry_after == pytest.approx(1.75)
     assert breaker.retry_after() == pytest.approx(1.75)
-    assert breaker.state is BreakerState.OPEN  # a refused call does not start a trial
+    assert current_state(breaker) is BreakerState.OPEN  # a refused call does not start a trial
 
 
 def test_retry_after_while_half_open_and_busy_is_one_second(
@@ -465,10 +466,10 @@ def test_the_end_of_the_open_period_half_opens_without_traffic(
     open_breaker(breaker)
     clock.advance(4.999)
     assert not breaker.end_open_period()
-    assert breaker.state is BreakerState.OPEN
+    assert current_state(breaker) is BreakerState.OPEN
     clock.advance(0.001)
     assert breaker.end_open_period()
-    assert breaker.state is BreakerState.HALF_OPEN
+    assert current_state(breaker) is BreakerState.HALF_OPEN
     assert (gauge(metrics, "open"), gauge(metrics, "half_open")) == (0, 1)
     assert transitions(metrics, "open", "half_open") == 1
     assert breaker.open_until is None
@@ -483,9 +484,9 @@ def test_admit_after_the_period_half_opens_if_nothing_did_yet(
     assert breaker.retry_after() is None  # a call now would be admitted ...
     trial = breaker.admit()  # ... as a trial
     assert trial.half_open
-    assert breaker.state is BreakerState.HALF_OPEN
+    assert current_state(breaker) is BreakerState.HALF_OPEN
     trial.success()
-    assert breaker.state is BreakerState.CLOSED
+    assert current_state(breaker) is BreakerState.CLOSED
 
 
 def test_failed_trials_double_the_period_up_to_the_cap_and_closing_resets_it(
@@ -498,7 +499,7 @@ def test_failed_trials_double_the_period_up_to_the_cap_and_closing_resets_it(
     for _ in range(5):
         half_open(breaker, clock)
         attempt(breaker, FAIL)  # the trial fails: re-open
-        assert breaker.state is BreakerState.OPEN
+        assert current_state(breaker) is BreakerState.OPEN
         assert breaker.trip_reason is TripReason.CONSECUTIVE  # kept until it closes
         periods.append(breaker.open_period)
         assert breaker.open_remaining() == breaker.open_period
@@ -509,7 +510,7 @@ def test_failed_trials_double_the_period_up_to_the_cap_and_closing_resets_it(
 
     half_open(breaker, clock)
     attempt(breaker, OK)
-    assert breaker.state is BreakerState.CLOSED
+    assert current_state(breaker) is BreakerState.CLOSED
     assert breaker.trip_reason is None
     assert breaker.open_period == 5.0
     open_breaker(breaker)
@@ -543,7 +544,7 @@ def test_a_passing_probe_half_opens_only_an_open_breaker(
     open_breaker(breaker)
     epoch = breaker.epoch
     assert breaker.probe_passed()
-    assert breaker.state is BreakerState.HALF_OPEN
+    assert current_state(breaker) is BreakerState.HALF_OPEN
     assert breaker.epoch == epoch + 1
     assert not breaker.probe_passed()  # already half-open
 
@@ -567,23 +568,28 @@ def test_transport_evidence_of_a_trip(
     breaker = make_breaker(failure_threshold=2)
     request(breaker, outcomes[0])
     request(breaker, outcomes[-1])
-    assert breaker.state is BreakerState.OPEN
+    assert current_state(breaker) is BreakerState.OPEN
     assert breaker.transport_evidence is evidence
+
+
+def evidence(breaker: ServiceBreaker) -> bool:
+    """`transport_evidence` now, read through a call for the reason `current_state` is."""
+    return breaker.transport_evidence
 
 
 def test_a_trial_failure_replaces_the_evidence(make_breaker: MakeBreaker, clock: FakeClock) -> None:
     breaker = make_breaker(failure_threshold=1)
     request(breaker, CONNECT)
-    assert breaker.transport_evidence
+    assert evidence(breaker)
     half_open(breaker, clock)
     attempt(breaker, FAIL)  # it accepts connections now, and answers 503
-    assert not breaker.transport_evidence
+    assert not evidence(breaker)
     half_open(breaker, clock)
     attempt(breaker, RESET)
-    assert breaker.transport_evidence
+    assert evidence(breaker)
     half_open(breaker, clock)
     attempt(breaker, OK)
-    assert not breaker.transport_evidence
+    assert not evidence(breaker)
 
 
 # -- half-open trials ---------------------------------------------------------------------
@@ -601,13 +607,13 @@ def test_half_open_admits_only_max_requests_trials_at_once(
             breaker.admit()
     assert breaker.snapshot()["trials_in_flight"] == 2
     first.success()
-    assert breaker.state is BreakerState.HALF_OPEN
+    assert current_state(breaker) is BreakerState.HALF_OPEN
     assert breaker.snapshot()["half_open_successes"] == 1
     third = breaker.admit()  # a slot freed
     second.success()
-    assert breaker.state is BreakerState.CLOSED
+    assert current_state(breaker) is BreakerState.CLOSED
     third.success()  # from the half-open epoch: stale, changes nothing
-    assert breaker.state is BreakerState.CLOSED
+    assert current_state(breaker) is BreakerState.CLOSED
 
 
 async def test_half_open_gates_concurrent_tasks(
@@ -639,7 +645,7 @@ async def test_half_open_gates_concurrent_tasks(
     results = await asyncio.gather(*tasks)
     assert results.count("admitted") == 2
     assert results.count("rejected") == 8
-    assert breaker.state is BreakerState.CLOSED
+    assert current_state(breaker) is BreakerState.CLOSED
 
 
 def test_an_abandoned_trial_reopens_for_the_same_period(
@@ -649,14 +655,14 @@ def test_an_abandoned_trial_reopens_for_the_same_period(
     open_breaker(breaker)
     half_open(breaker, clock)
     breaker.admit().abandon()
-    assert breaker.state is BreakerState.OPEN
+    assert current_state(breaker) is BreakerState.OPEN
     assert breaker.open_period == 5.0  # not doubled: a cancelled trial is no evidence
     assert trips(metrics, "consecutive") == 1
     half_open(breaker, clock)
     trial = breaker.admit()  # the slot is free in the next half-open period
     assert trial.half_open
     trial.success()
-    assert breaker.state is BreakerState.CLOSED
+    assert current_state(breaker) is BreakerState.CLOSED
 
 
 def test_an_ignored_trial_frees_its_slot_and_decides_nothing(
@@ -669,9 +675,9 @@ def test_an_ignored_trial_frees_its_slot_and_decides_nothing(
     with pytest.raises(CircuitOpen):
         breaker.admit()
     trial.ignore()  # e.g. the app's own short deadline ran out
-    assert breaker.state is BreakerState.HALF_OPEN
+    assert current_state(breaker) is BreakerState.HALF_OPEN
     breaker.admit().success()
-    assert breaker.state is BreakerState.CLOSED
+    assert current_state(breaker) is BreakerState.CLOSED
 
 
 def test_a_slow_trial_reopens_when_slow_call_is_on(
@@ -681,11 +687,11 @@ def test_a_slow_trial_reopens_when_slow_call_is_on(
     open_breaker(breaker)
     half_open(breaker, clock)
     attempt(breaker, OK, clock, took=1.5)
-    assert breaker.state is BreakerState.OPEN
+    assert current_state(breaker) is BreakerState.OPEN
     assert breaker.open_period == 10.0
     half_open(breaker, clock)
     attempt(breaker, OK, clock, took=0.5)
-    assert breaker.state is BreakerState.CLOSED
+    assert current_state(breaker) is BreakerState.CLOSED
 
 
 def test_a_half_open_request_done_does_not_count_for_the_run(
@@ -696,7 +702,7 @@ def test_a_half_open_request_done_does_not_count_for_the_run(
     half_open(breaker, clock)
     trial = attempt(breaker, OK)
     trial.request_done()
-    assert breaker.state is BreakerState.CLOSED
+    assert current_state(breaker) is BreakerState.CLOSED
     assert breaker.snapshot()["failures"] == 0
 
 
@@ -710,9 +716,9 @@ def test_outcomes_of_attempts_admitted_before_a_state_change_do_not_count(
     trial = breaker.admit()
     slow.success()  # a closed-era success must not decide the half-open trial
     slow.request_done()
-    assert breaker.state is BreakerState.HALF_OPEN
+    assert current_state(breaker) is BreakerState.HALF_OPEN
     trial.failure("HTTP 502", Outcome.RESPONSE)
-    assert breaker.state is BreakerState.OPEN
+    assert current_state(breaker) is BreakerState.OPEN
     assert breaker.last_failure == "HTTP 502"
 
 
@@ -725,7 +731,7 @@ def test_a_trial_resolves_once_and_later_calls_are_ignored(make_breaker: MakeBre
     trial.ignore()
     trial.request_done()
     assert trial.resolved
-    assert breaker.state is BreakerState.CLOSED
+    assert current_state(breaker) is BreakerState.CLOSED
     assert breaker.last_failure is None
 
 
@@ -756,7 +762,7 @@ async def test_a_cancelled_task_holding_a_trial_abandons_it_and_cancellation_pro
     with pytest.raises(asyncio.CancelledError):
         await task
     assert task.cancelled()
-    assert breaker.state is BreakerState.OPEN
+    assert current_state(breaker) is BreakerState.OPEN
 
 
 async def test_a_cancelled_attempt_in_closed_state_leaves_the_counts_alone(
@@ -780,7 +786,7 @@ async def test_a_cancelled_attempt_in_closed_state_leaves_the_counts_alone(
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
-    assert breaker.state is BreakerState.CLOSED
+    assert current_state(breaker) is BreakerState.CLOSED
     assert breaker.snapshot()["failures"] == 1
     assert breaker.window_calls == 1
 
@@ -968,7 +974,7 @@ def test_twenty_percent_random_failures_at_200_per_second_never_open_it(
         breaker, clock, rate=200, seconds=60, fail_share=0.2, max_retries=2, seed=seed
     )
     assert failed > 0  # some requests did fail all three attempts ...
-    assert breaker.state is BreakerState.CLOSED  # ... but never five in a row
+    assert current_state(breaker) is BreakerState.CLOSED  # ... but never five in a row
     assert sum(trips(metrics, r) or 0 for r in TripReason) == 0
 
 
@@ -977,7 +983,7 @@ def test_a_fifth_of_a_percent_failing_at_1000_per_second_never_opens_it(
 ) -> None:
     breaker = make_breaker()
     simulate(breaker, clock, rate=1000, seconds=60, fail_share=0.002, max_retries=2, seed=7)
-    assert breaker.state is BreakerState.CLOSED
+    assert current_state(breaker) is BreakerState.CLOSED
     assert sum(trips(metrics, r) or 0 for r in TripReason) == 0
 
 
@@ -990,8 +996,8 @@ def test_every_attempt_refused_at_100_per_second_opens_within_a_second(
     for _ in range(100):  # one second of traffic
         clock.advance(0.01)
         request(breaker, *(CONNECT,) * (max_retries + 1))
-        if breaker.state is BreakerState.OPEN:
+        if current_state(breaker) is BreakerState.OPEN:
             break
-    assert breaker.state is BreakerState.OPEN
+    assert current_state(breaker) is BreakerState.OPEN
     assert clock.now - start == pytest.approx(0.05)  # the fifth request, at 50 ms
     assert breaker.trip_reason is TripReason.CONSECUTIVE

@@ -87,7 +87,7 @@ def test_contract_example_loads() -> None:
     route = cfg.routes[0]
     assert route.name == "orders-read"
     assert route.match.prefix == "/orders" and route.match.path is None
-    assert route.match.methods == {"GET", "HEAD"}
+    assert route.match.methods == frozenset({"GET", "HEAD"})
     assert route.match.headers == (("x-tenant", "acme"),)
     assert route.match.host == "orders.internal"
     assert route.rewrite_prefix == "/"
@@ -401,7 +401,7 @@ def test_methods_headers_and_host_are_normalised() -> None:
     )
     cfg, _ = load_config_text(text, env={})
     match = cfg.routes[0].match
-    assert match.methods == {"GET", "POST"}
+    assert match.methods == frozenset({"GET", "POST"})
     assert match.headers == (("x-tenant", "Acme"), ("yes", "2"))  # keys as written, values too
     assert match.host == "api.example.com"
 
@@ -410,7 +410,7 @@ def test_loading_is_deterministic_and_returns_frozen_config() -> None:
     a, b = load("full.yaml"), load("full.yaml")
     assert a == b
     with pytest.raises(AttributeError):
-        a.routes[0].timeout = 1.0  # type: ignore[misc]
+        a.routes[0].timeout = 1.0  # type: ignore[misc]  # the write is the point: it must fail
 
 
 # -- the JSON dump -------------------------------------------------------------------------

@@ -12,8 +12,9 @@ import shutil
 import subprocess
 import sys
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
+from typing import Any
 
 import pytest
 from aiohttp import web
@@ -98,7 +99,9 @@ def test_window_covers_the_last_ten_seconds_and_keeps_one_minute():
     s = w.summary(BOUNDS)
     assert s["window_seconds"] == 10.0
     assert s["rate"] == 2.0
-    assert s["sparkline"]["rate"] == [2.0] * (HISTORY - 1)
+    sparkline = s["sparkline"]
+    assert isinstance(sparkline, dict)
+    assert sparkline["rate"] == [2.0] * (HISTORY - 1)
     assert s["error_share"] == 0.0
 
 
@@ -122,9 +125,16 @@ def test_no_requests_means_no_share_and_no_latency():
 # --- sampler.py over a real registry, with a hand-driven clock ------------------------------
 
 
+@dataclass
+class FakeRuntime:
+    """The part of a `Runtime` the sampler reads: which services there are."""
+
+    services: dict[str, None]
+
+
 def test_sampler_reads_the_registry_per_service_and_follows_the_services():
     metrics = Metrics()
-    runtime = SimpleNamespace(services={"orders": None, "payments": None})
+    runtime = FakeRuntime({"orders": None, "payments": None})
     clock = [0.0]
     sampler = Sampler(metrics, lambda: runtime, clock=lambda: clock[0])
     sampler.tick()
@@ -192,15 +202,17 @@ def test_read_totals_sums_routes_and_buckets():
 # --- a real sidecar --------------------------------------------------------------------------
 
 
-async def dashboard_json(client, sc) -> dict:
+async def dashboard_json(client, sc) -> dict[str, Any]:
     async with client.get(f"{sc.admin_url}/admin/dashboard.json") as resp:
         assert resp.status == 200
         assert resp.content_type == "application/json"
         assert resp.headers["Cache-Control"] == "no-store"
-        return strict_json(await resp.text())
+        view: dict[str, Any] = strict_json(await resp.text())
+        return view
 
 
-def service(view: dict, name: str) -> dict:
+def service(view: dict[str, Any], name: str) -> dict[str, Any]:
+    found: dict[str, Any]
     (found,) = [s for s in view["services"] if s["name"] == name]
     return found
 

@@ -5,6 +5,7 @@ Dockerfile, then the Dockerfile's own steps replayed outside Docker (the files i
 `pip wheel` and `pip install` lines, into a fresh venv) and its exact ENTRYPOINT + CMD and
 HEALTHCHECK run against a real upstream on 127.0.0.1. Nothing in those tests hard-codes the
 command: it is read from the Dockerfile, so changing the Dockerfile changes what is tested.
+Last, the type-checking configuration in pyproject.toml: every test module is named in it.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import signal
 import subprocess
 import sys
 import time
+import tomllib
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -169,7 +171,7 @@ def find_manifest(kind: str, name: str | None = None) -> dict[str, Any]:
 
 def sidecar_container(deployment: dict[str, Any]) -> dict[str, Any]:
     spec = deployment["spec"]["template"]["spec"]
-    found = [
+    found: list[dict[str, Any]] = [
         c
         for c in spec.get("initContainers", []) + spec["containers"]
         if c["image"].split(":")[0].rsplit("/", 1)[-1] == "sidecar"
@@ -998,3 +1000,29 @@ async def test_stop_process_kills_by_pid() -> None:
     await stop_process(proc, timeout=0.5)
     assert proc.returncode == -signal.SIGKILL
     proc.stdout.close()
+
+
+# --- The type-checking configuration names every test module ------------------------------
+
+TESTS = ROOT / "tests"
+
+
+def test_mypy_override_lists_every_test_module() -> None:
+    """mypy's module patterns take no globs, so the tests' override (bodies checked, no
+    parameter annotations required) names each module; one left out would be held to the
+    strict rules instead, and a name whose file is gone would hide a typo."""
+    mypy = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["mypy"]
+    assert set(mypy["files"]) >= {"sidecar", "tests", "bench"}
+    assert mypy["mypy_path"] == "tests"  # so the modules are named without "tests."
+    (override,) = [o for o in mypy["overrides"] if o.get("check_untyped_defs") is True]
+    assert override["disallow_untyped_defs"] is False
+    assert override["disallow_incomplete_defs"] is False
+    listed = set(override["module"])
+    expected = {path.stem for path in TESTS.glob("*.py")}
+    for package in TESTS.iterdir():
+        if (package / "__init__.py").is_file():
+            expected |= {package.name, f"{package.name}.*"}
+    assert "support" in expected and "test_deploy" in expected  # the walk found them
+    assert sorted(expected - listed) == [], "add these to the tests' [[tool.mypy.overrides]]"
+    assert sorted(listed - expected - {"bench", "bench.*"}) == [], "listed, but no such module"
+    assert {"bench", "bench.*"} <= listed

@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import textwrap
+from typing import Any
 
 import aiohttp
 from aiohttp import web
@@ -144,9 +145,9 @@ async def test_traffic_follows_a_dns_record_change(sidecar, client, tmp_path):
                 if hits["127.0.0.2"] == before:
                     break
                 await asyncio.sleep(0.05)
-            before = dict(hits)
+            counted = dict(hits)
             assert await send(client, sc, 4) == [200] * 4
-            assert hits["127.0.0.3"] == before["127.0.0.3"] + 4
+            assert hits["127.0.0.3"] == counted["127.0.0.3"] + 4
     finally:
         for runner in runners:
             await runner.cleanup()
@@ -370,11 +371,12 @@ async def test_file_discovery_refuses_fifo_device_and_oversized_file_and_exits_o
     proc = spawn("run", "-c", str(path))
     await wait_http(f"http://127.0.0.1:{admin}/readyz")
 
-    async def discovery_state() -> dict:
+    async def discovery_state() -> dict[str, Any]:
         async with client.get(f"http://127.0.0.1:{admin}/admin/state") as resp:
-            return (await resp.json())["services"]["s"]
+            state: dict[str, Any] = (await resp.json())["services"]["s"]
+            return state
 
-    async def until_error(needle: str) -> dict:
+    async def until_error(needle: str) -> dict[str, Any]:
         for _ in range(100):
             state = await discovery_state()
             if needle in (state["discovery"]["last_error"] or ""):

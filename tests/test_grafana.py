@@ -49,7 +49,8 @@ METRIC_RE = re.compile(r"\bsidecar_[a-z_]+[a-z]\b")
 
 
 def dashboard() -> dict[str, Any]:
-    return json.loads(DASHBOARD.read_text())
+    dash: dict[str, Any] = json.loads(DASHBOARD.read_text())
+    return dash
 
 
 def panels(dash: dict[str, Any]) -> list[dict[str, Any]]:
@@ -184,9 +185,9 @@ async def test_every_panel_query_returns_data_from_a_real_prometheus(
 
             # The service variable: label_values(sidecar_circuit_breaker_state, service).
             (variable,) = [v for v in dashboard()["templating"]["list"] if v["type"] == "query"]
-            metric, label = re.fullmatch(
-                r"label_values\((\w+), (\w+)\)", variable["definition"]
-            ).groups()
+            query = re.fullmatch(r"label_values\((\w+), (\w+)\)", variable["definition"])
+            assert query is not None, variable["definition"]
+            metric, label = query.groups()
             async with prom.session.get(
                 f"{prom.url}/api/v1/label/{label}/values", params={"match[]": metric}
             ) as resp:

@@ -7,7 +7,14 @@ import pytest
 from h2.errors import ErrorCodes
 
 from sidecar import grpc as g
-from sidecar.h2frames import PREFACE, FrameError, FrameReader, goaway_bytes, parse_goaway
+from sidecar.h2frames import (
+    PREFACE,
+    FrameError,
+    FrameReader,
+    RawFrame,
+    goaway_bytes,
+    parse_goaway,
+)
 from sidecar.vocab import Reason
 
 
@@ -208,7 +215,7 @@ SETTINGS = _header(0, 0x4)
 def test_frames_split_across_reads() -> None:
     reader = FrameReader(expect_preface=True, max_header_block=1000)
     data = PREFACE + SETTINGS + _header(3, 0x0, 0x1, 1) + b"abc"
-    frames = []
+    frames: list[RawFrame] = []
     for i in range(len(data)):  # one byte at a time
         frames.extend(reader.feed(data[i : i + 1]))
     assert [(f.type, f.stream_id, f.payload) for f in frames] == [(4, 0, b""), (0, 1, b"abc")]

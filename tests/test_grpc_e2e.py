@@ -21,6 +21,7 @@ import grpc
 import h2.connection
 import h2.events
 import pytest
+from conftest import RunningSidecar
 from h2.errors import ErrorCodes
 from helpers import ROOT, free_port, wait_http
 from support import eventually
@@ -45,8 +46,6 @@ from sidecar.grpc import decode_message, encode_message
 from sidecar.h2frames import FLAG_END_STREAM, FrameReader, FrameType
 from sidecar.http.h2server import H2Server
 
-RAW = {"request_serializer": None, "response_deserializer": None}
-
 
 @pytest.fixture(autouse=True)
 async def _close_raw_clients() -> AsyncIterator[None]:
@@ -69,9 +68,11 @@ def grpc_config(address: str, *, route_extra: str = "", service_extra: str = "")
     """
 
 
-async def unary_through(address: str) -> tuple[bytes, list, list]:
+async def unary_through(
+    address: str,
+) -> tuple[bytes, list[tuple[str, str | bytes]], list[tuple[str, str | bytes]]]:
     async with grpc_channel(address) as channel:
-        call = channel.unary_unary(f"/{SERVICE}/Unary", **RAW)(
+        call = channel.unary_unary(f"/{SERVICE}/Unary")(
             b"hi", metadata=(("x-app", "a1"), ("x-app-bin", b"\x00\x01\xfe"))
         )
         reply = await call
@@ -105,7 +106,7 @@ async def test_streaming_both_ways(sidecar):
     async with grpc_server() as up:
         sc = await sidecar(grpc_config(up.address))
         async with grpc_channel(f"127.0.0.1:{sc.listen}") as channel:
-            stream = channel.unary_stream(f"/{SERVICE}/ServerStream", **RAW)(b"50:1000")
+            stream = channel.unary_stream(f"/{SERVICE}/ServerStream")(b"50:1000")
             got = [m async for m in stream]
             assert len(got) == 50 and all(len(m) == 1000 for m in got)
 
@@ -113,10 +114,10 @@ async def test_streaming_both_ways(sidecar):
                 for i in range(20):
                     yield f"m{i}".encode()
 
-            result = await channel.stream_unary(f"/{SERVICE}/ClientStream", **RAW)(messages())
+            result = await channel.stream_unary(f"/{SERVICE}/ClientStream")(messages())
             assert result == b"20:" + str(sum(len(f"m{i}") for i in range(20))).encode()
 
-            bidi = channel.stream_stream(f"/{SERVICE}/Bidi", **RAW)()
+            bidi = channel.stream_stream(f"/{SERVICE}/Bidi")()
             for i in range(5):
                 await bidi.write(f"b{i}".encode())
                 assert await bidi.read() == f"echo:b{i}".encode()  # interleaved, one by one
@@ -128,7 +129,7 @@ async def test_server_status_reaches_the_client(sidecar):
     async with grpc_server() as up:
         sc = await sidecar(grpc_config(up.address))
         async with grpc_channel(f"127.0.0.1:{sc.listen}") as channel:
-            call = channel.unary_unary(f"/{SERVICE}/Unary", **RAW)(
+            call = channel.unary_unary(f"/{SERVICE}/Unary")(
                 b"x", metadata=(("x-abort", "NOT_FOUND"), ("x-message", "no such thing"))
             )
             with pytest.raises(grpc.aio.AioRpcError) as err:
@@ -147,7 +148,7 @@ async def test_deadline_lowers_the_route_timeout_and_reaches_the_server(sidecar)
     async with grpc_server() as up:
         sc = await sidecar(grpc_config(up.address, route_extra="timeout: 10s"))
         async with grpc_channel(f"127.0.0.1:{sc.listen}") as channel:
-            await channel.unary_unary(f"/{SERVICE}/Unary", **RAW)(b"x", timeout=2.0)
+            await channel.unary_unary(f"/{SERVICE}/Unary")(b"x", timeout=2.0)
         (seen,) = up.service.calls
         assert seen.time_remaining is not None and 0 < seen.time_remaining <= 2.0
 
@@ -157,13 +158,13 @@ async def test_sidecar_errors_are_trailers_only_statuses(sidecar):
     sc = await sidecar(grpc_config(f"127.0.0.1:{dead}", route_extra="retries: { max_retries: 0 }"))
     async with grpc_channel(f"127.0.0.1:{sc.listen}") as channel:
         with pytest.raises(grpc.aio.AioRpcError) as err:
-            await channel.unary_unary(f"/{SERVICE}/Unary", **RAW)(b"x")
+            await channel.unary_unary(f"/{SERVICE}/Unary")(b"x")
         assert err.value.code() == grpc.StatusCode.UNAVAILABLE
-        assert "upstream_unreachable" in err.value.details()
+        assert "upstream_unreachable" in (err.value.details() or "")
         with pytest.raises(grpc.aio.AioRpcError) as err:
-            await channel.unary_unary("/other.Service/Method", **RAW)(b"x")
+            await channel.unary_unary("/other.Service/Method")(b"x")
         assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
-        assert "no_route" in err.value.details()
+        assert "no_route" in (err.value.details() or "")
         trailing = dict(err.value.trailing_metadata() or ())
         assert trailing.get("x-sidecar-error") == "no_route"
 
@@ -173,7 +174,7 @@ async def test_the_route_timeout_covers_the_whole_stream(sidecar):
         sc = await sidecar(grpc_config(up.address, route_extra="timeout: 500ms"))
         async with grpc_channel(f"127.0.0.1:{sc.listen}") as channel:
             # The server sends its head, then waits: the stream outlives the route timeout.
-            stream = channel.unary_stream(f"/{SERVICE}/ServerStream", **RAW)(
+            stream = channel.unary_stream(f"/{SERVICE}/ServerStream")(
                 b"3:8", metadata=(("x-wait", "1"),)
             )
             with pytest.raises(grpc.aio.AioRpcError) as err:
@@ -215,7 +216,7 @@ async def test_grpc_health_check_marks_a_not_serving_endpoint_unhealthy(sidecar)
         )
         async with grpc_channel(f"127.0.0.1:{sc.listen}") as channel:
             for _ in range(4):
-                await channel.unary_unary(f"/{SERVICE}/Unary", **RAW)(b"x")
+                await channel.unary_unary(f"/{SERVICE}/Unary")(b"x")
         assert len(good.service.calls) == 4 and bad.service.calls == []
 
 
@@ -225,11 +226,13 @@ ONE_FAILURE_OPENS = "circuit_breaker: { failure_threshold: 1, reset_timeout: 30s
 GRPC_HEALTH = "health_check: { grpc: true, interval: 50ms, unhealthy_threshold: 1 }"
 
 
-def code_count(sc: Any, code: str, route: str = "echo", service: str = "echo") -> float:
+def code_count(sc: RunningSidecar, code: str, route: str = "echo", service: str = "echo") -> float:
     return sc.sample("sidecar_grpc_responses_total", route=route, service=service, grpc_code=code)
 
 
-def requests_count(sc: Any, code: str, route: str = "echo", service: str = "echo") -> float:
+def requests_count(
+    sc: RunningSidecar, code: str, route: str = "echo", service: str = "echo"
+) -> float:
     return sc.sample("sidecar_requests_total", route=route, service=service, code=code)
 
 
@@ -333,7 +336,7 @@ async def test_one_port_serves_http1_and_h2c_and_refuses_upgrade(sidecar, upstre
             assert resp.status == 200 and await resp.text() == "ok"
             assert resp.version == aiohttp.HttpVersion11
         async with grpc_channel(f"127.0.0.1:{sc.listen}") as channel:
-            assert await channel.unary_unary(f"/{SERVICE}/Unary", **RAW)(b"one") == b"echo:one"
+            assert await channel.unary_unary(f"/{SERVICE}/Unary")(b"one") == b"echo:one"
         assert up.hits == 1 and len(grpc_up.service.calls) == 1
 
         # Upgrade: h2c over HTTP/1.1 is answered as HTTP/1.1, never switched: the preface
@@ -346,7 +349,9 @@ async def test_one_port_serves_http1_and_h2c_and_refuses_upgrade(sidecar, upstre
         head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
         assert head.startswith(b"HTTP/1.1 200 "), head
         assert b"upgrade" not in head.lower()
-        length = int(re.search(rb"(?i)content-length: (\d+)", head).group(1))  # type: ignore[union-attr]
+        declared = re.search(rb"(?i)content-length: (\d+)", head)
+        assert declared is not None, head
+        length = int(declared.group(1))
         await reader.readexactly(length)
         writer.write(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
         rest = await asyncio.wait_for(reader.read(65536), 5)
@@ -551,9 +556,7 @@ async def test_upstream_grpc_timeout_is_what_is_left(sidecar, route_extra, clien
         for address in (raw.address, up.address):
             sc = await sidecar(grpc_config(address, route_extra=route_extra))
             async with grpc_channel(f"127.0.0.1:{sc.listen}") as channel:
-                reply = await channel.unary_unary(f"/{SERVICE}/Unary", **RAW)(
-                    b"x", timeout=client_timeout
-                )
+                reply = await channel.unary_unary(f"/{SERVICE}/Unary")(b"x", timeout=client_timeout)
                 assert reply in (b"x", b"echo:x")
         (seen,) = raw.seen
         assert 1 <= millis(seen.header(b"grpc-timeout")) <= most
@@ -570,7 +573,7 @@ async def test_per_try_timeout_is_the_attempt_deadline(sidecar):
             )
         )
         async with grpc_channel(f"127.0.0.1:{sc.listen}") as channel:
-            await channel.unary_unary(f"/{SERVICE}/Unary", **RAW)(b"x", timeout=5)
+            await channel.unary_unary(f"/{SERVICE}/Unary")(b"x", timeout=5)
         # The smaller of per_try_timeout and what is left: exactly the per-try timeout.
         assert raw.seen[0].header(b"grpc-timeout") == b"300m"
 
@@ -583,7 +586,7 @@ async def test_per_try_timeout_reaches_the_server(sidecar):
             )
         )
         async with grpc_channel(f"127.0.0.1:{sc.listen}") as channel:
-            await channel.unary_unary(f"/{SERVICE}/Unary", **RAW)(b"x")
+            await channel.unary_unary(f"/{SERVICE}/Unary")(b"x")
         (seen,) = up.service.calls
         assert seen.time_remaining is not None and 0 < seen.time_remaining <= 0.3
 
@@ -615,15 +618,13 @@ async def test_an_invalid_client_grpc_timeout_is_ignored(sidecar):
 # --------------------------------------------------------------------------- breaker, outliers
 
 
-def breaker_state(sc: Any, service: str = "echo") -> str:
+def breaker_state(sc: RunningSidecar, service: str = "echo") -> str:
     return str(sc.sidecar.runtime.services[service].breaker.state)
 
 
 async def unary_code(port: int, *metadata: tuple[str, str], timeout: float | None = None) -> Any:
     async with grpc_channel(f"127.0.0.1:{port}") as channel:
-        call = channel.unary_unary(f"/{SERVICE}/Unary", **RAW)(
-            b"x", metadata=metadata, timeout=timeout
-        )
+        call = channel.unary_unary(f"/{SERVICE}/Unary")(b"x", metadata=metadata, timeout=timeout)
         with contextlib.suppress(grpc.aio.AioRpcError):
             await call
         return await call.code()
@@ -632,7 +633,7 @@ async def unary_code(port: int, *metadata: tuple[str, str], timeout: float | Non
 async def stream_code(port: int, *metadata: tuple[str, str], timeout: float | None = None) -> Any:
     """A server-streaming call of one message; its code (the message arrived too)."""
     async with grpc_channel(f"127.0.0.1:{port}") as channel:
-        call = channel.unary_stream(f"/{SERVICE}/ServerStream", **RAW)(
+        call = channel.unary_stream(f"/{SERVICE}/ServerStream")(
             b"1:8", metadata=metadata, timeout=timeout
         )
         got = []
@@ -750,7 +751,7 @@ async def test_outlier_detection_counts_failure_grpc_status(sidecar, handler, ej
 async def unary_call(port: int, *metadata: tuple[str, str]) -> tuple[Any, dict[str, Any]]:
     """One unary call: its code and the head's metadata (x-sidecar-attempts)."""
     async with grpc_channel(f"127.0.0.1:{port}") as channel:
-        call = channel.unary_unary(f"/{SERVICE}/Unary", **RAW)(b"x", metadata=metadata)
+        call = channel.unary_unary(f"/{SERVICE}/Unary")(b"x", metadata=metadata)
         with contextlib.suppress(grpc.aio.AioRpcError):
             await call
         code = await call.code()
@@ -874,7 +875,7 @@ async def test_the_retried_body_is_the_whole_request(sidecar):
                 for i in range(10):
                     yield b"m%d" % i
 
-            call = channel.stream_unary(f"/{SERVICE}/ClientStream", **RAW)(messages())
+            call = channel.stream_unary(f"/{SERVICE}/ClientStream")(messages())
             assert await call == b"10:20"
 
 
@@ -1140,7 +1141,7 @@ async def test_an_app_that_cancels_cancels_the_upstream_call(sidecar):
     async with grpc_server() as up:
         sc = await sidecar(grpc_config(up.address, service_extra=ONE_FAILURE_OPENS))
         async with grpc_channel(f"127.0.0.1:{sc.listen}") as channel:
-            stream = channel.unary_stream(f"/{SERVICE}/ServerStream", **RAW)(
+            stream = channel.unary_stream(f"/{SERVICE}/ServerStream")(
                 b"3:8", metadata=(("x-wait", "1"),)
             )
             await stream.initial_metadata()  # the call is up and waiting
@@ -1201,7 +1202,8 @@ async def test_the_demo_banner_grpc_command_calls_the_greeter(spawn, tmp_path):
             assert "(grpcio): OK" in out
             assert "reply: hello, newcomer (greeter, attempt " in out
         # One call in four is UNAVAILABLE at the greeter; the route retries it.
-        attempts = [re.search(r"x-sidecar-attempts: (\d)", out).group(1) for out in outputs]  # type: ignore[union-attr]
+        found = [re.search(r"x-sidecar-attempts: (\d)", out) for out in outputs]
+        attempts = [m.group(1) if m is not None else None for m in found]
         assert attempts == ["1", "1", "1", "2"]
 
         # Without grpcio, the sidecar's own h2c client makes the same call.
@@ -1222,8 +1224,8 @@ async def test_the_demo_greeter_is_a_grpc_server_without_grpcio():
     port = listener.sockets[0].getsockname()[1]
     try:
         async with grpc_channel(f"127.0.0.1:{port}") as channel:
-            say = channel.unary_unary(SAY_PATH, **RAW)
-            replies = []
+            say = channel.unary_unary(SAY_PATH)
+            replies: list[bytes | grpc.StatusCode] = []
             for _ in range(4):
                 try:
                     replies.append(await say(b"you"))
@@ -1232,7 +1234,7 @@ async def test_the_demo_greeter_is_a_grpc_server_without_grpcio():
             assert replies[:3] == [b"hello, you (greeter, attempt -)"] * 3
             assert replies[3] == grpc.StatusCode.UNAVAILABLE  # one call in four
             with pytest.raises(grpc.aio.AioRpcError) as err:
-                await channel.unary_unary("/demo.Echo/Other", **RAW)(b"")
+                await channel.unary_unary("/demo.Echo/Other")(b"")
             assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
         outcome = await grpc_health_check(Address("127.0.0.1", port), "", 1.0)
         assert outcome.ok, outcome

@@ -8,6 +8,7 @@ import socket
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 import pytest
 from helpers import free_port, one_service, read_head, sidecar_yaml
@@ -378,7 +379,9 @@ async def test_a_pooled_connection_closed_before_reuse_gets_no_byte():
     ],
     ids=["whole-stray-response", "partial-stray-response"],
 )
-async def test_a_connection_that_received_more_than_one_response_is_not_pooled(sidecar, extra):
+async def test_a_connection_that_received_more_than_one_response_is_not_pooled(
+    sidecar, extra: bytes
+):
     # Before: the connection went back to the pool; a whole stray response was swallowed,
     # a partial one made the next (unrelated) request fail with 502 although the upstream
     # had answered it, and a POST was lost.
@@ -601,7 +604,7 @@ async def test_the_dns_cache_expires_entries_and_stays_bounded():
     now = [100.0]
     calls: list[str] = []
 
-    async def getaddrinfo(host: str, port: int, **kwargs: object) -> list[tuple[object, ...]]:
+    async def getaddrinfo(host: str, port: int, **kwargs: Any) -> list[tuple[Any, ...]]:
         calls.append(host)
         return await asyncio.get_running_loop().getaddrinfo(host, port, **kwargs)
 

@@ -158,7 +158,8 @@ async def test_unknown_method_is_unimplemented(pool: H2Pool) -> None:
         response = await call(pool, server.port, request)
         await response.read()
         response.release()
-        status = response.headers.get("grpc-status") or (response.trailers or {}).get("grpc-status")
+        trailers = response.trailers if response.trailers is not None else {}
+        status = response.headers.get("grpc-status") or trailers.get("grpc-status")
         assert status == "12"
 
 

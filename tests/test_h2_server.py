@@ -18,7 +18,7 @@ from aiohttp import web
 from h2.errors import ErrorCodes
 from hyperframe.frame import ContinuationFrame, HeadersFrame, PingFrame, SettingsFrame
 from support import eventually
-from support.grpc_peers import RawH2Client, RawResponse, frame, unframe
+from support.grpc_peers import RawH2Client, RawResponse, frame, grpc_channel, unframe
 
 from sidecar.config.model import Http2Config
 from sidecar.h2frames import FLAG_END_STREAM, PREFACE, FrameReader, FrameType
@@ -144,7 +144,7 @@ async def assert_served(port: int) -> None:
 
 async def test_grpcio_unary_and_trailers(h2app: Callable[..., Awaitable[Started]]) -> None:
     app, _, port = await h2app()
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+    async with grpc_channel(f"127.0.0.1:{port}") as channel:
         call = channel.unary_unary("/test.Echo/Unary")(b"hello", timeout=5)
         assert await call == b"hello"
         trailing = await call.trailing_metadata()
@@ -167,7 +167,7 @@ async def test_grpcio_bidi_streaming(h2app: Callable[..., Awaitable[Started]]) -
             yield b"m%d" % i
             assert await asyncio.wait_for(answers.get(), 5) == b"m%d" % i  # interleaved
 
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+    async with grpc_channel(f"127.0.0.1:{port}") as channel:
         call = channel.stream_stream("/test.Echo/Bidi")(requests(), timeout=10)
         got = []
         async for message in call:
@@ -184,7 +184,7 @@ async def test_grpcio_server_streaming_large(h2app: Callable[..., Awaitable[Star
         for i in range(40):
             yield bytes([i]) * 50_000
 
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+    async with grpc_channel(f"127.0.0.1:{port}") as channel:
         call = channel.stream_stream("/test.Echo/Bidi")(requests(), timeout=20)
         got = [m async for m in call]
         assert got == [bytes([i]) * 50_000 for i in range(40)]
@@ -445,7 +445,7 @@ async def test_app_not_reading_the_socket_bounds_what_is_buffered(
     assert connection.transport is not None
     sock = connection.transport.get_extra_info("socket")
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
-    client.writer.transport.pause_reading()  # from here on, nothing is read from the socket
+    client.stop_reading()  # from here on, nothing is read from the socket
     client.conn.send_headers(1, get("/big"), end_stream=True)
     client.flush()
     held = -1
@@ -509,7 +509,7 @@ async def test_answers_left_unread(
     assert connection.transport is not None
     sock = connection.transport.get_extra_info("socket")
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)  # our kernel buffer: small
-    client.writer.transport.pause_reading()  # never read an answer
+    client.stop_reading()  # never read an answer
     ping = PingFrame(0, opaque_data=b"abcdefgh").serialize()
     caplog.set_level(logging.INFO, logger="sidecar.h2")
     with pytest.raises(ConnectionError):
@@ -614,7 +614,7 @@ async def _sniffing_round(loop_kind: str) -> None:
         client = await RawH2Client.connect(port)
         response = await request(client, get("/"))
         assert (response.status, response.body) == (200, b"ok"), loop_kind
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        async with grpc_channel(f"127.0.0.1:{port}") as channel:
             assert await channel.unary_unary("/test.Echo/Unary")(b"g", timeout=5) == b"g"
         assert not factory.undecided
     finally:

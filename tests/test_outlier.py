@@ -12,6 +12,7 @@ from sidecar.cluster.outlier import OutlierDetector
 from sidecar.config.model import OutlierDetectionConfig, ServiceConfig, StaticDiscovery
 from sidecar.metrics import Metrics
 from sidecar.tasks import TaskOwner
+from sidecar.vocab import EndpointState
 
 FOUR = addresses("127.0.0.1:9001", "127.0.0.1:9002", "127.0.0.1:9003", "127.0.0.1:9004")
 
@@ -109,8 +110,8 @@ async def test_with_every_endpoint_failing_one_stays_available() -> None:
             for e in cluster.endpoints:
                 cluster.report(e, False)
         states = [e.state for e in cluster.endpoints]
-        assert states.count("ejected") == 3
-        assert states.count("healthy") == 1
+        assert states.count(EndpointState.EJECTED) == 3
+        assert states.count(EndpointState.HEALTHY) == 1
         assert cluster.pick() is not None
 
 

@@ -426,7 +426,9 @@ async def test_access_log_has_one_json_line_per_request(upstream, sidecar, clien
     assert (missing["status"], missing["error"], missing["route"]) == (404, "no_route", None)
 
 
-async def test_client_sees_many_concurrent_requests_served(upstream, sidecar, client):
+async def test_client_sees_many_concurrent_requests_served(
+    upstream, sidecar, client: aiohttp.ClientSession
+):
     async def slowish(request: web.Request) -> web.StreamResponse:
         await asyncio.sleep(0.01)
         return web.Response(text=request.path)

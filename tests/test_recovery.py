@@ -11,6 +11,7 @@ import asyncio
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 from support import addresses, eventually
 
@@ -202,8 +203,8 @@ def test_for_service_picks_the_probes_the_config_asks_for() -> None:
     metrics = Metrics()
     static = StaticDiscovery(addresses("127.0.0.1:9001"))
 
-    def build(**settings: object) -> Recovery:
-        config = ServiceConfig(name="orders", discovery=static, **settings)  # type: ignore[arg-type]
+    def build(**settings: Any) -> Recovery:
+        config = ServiceConfig(name="orders", discovery=static, **settings)
         breaker = ServiceBreaker("orders", config.circuit_breaker, metrics)
         return Recovery.for_service(config, breaker, list, metrics)
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+from typing import Any
 
 import aiohttp
 from aiohttp import web
@@ -33,7 +34,7 @@ def rewrite_config(sc, body: str) -> None:
     sc.config_path.write_text(sidecar_yaml(body, sc.listen, sc.admin))
 
 
-async def reload(client, sc) -> tuple[int, dict]:
+async def reload(client, sc) -> tuple[int, dict[str, Any]]:
     async with client.post(f"{sc.admin_url}/admin/reload") as resp:
         return resp.status, await resp.json()
 

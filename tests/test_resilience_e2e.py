@@ -16,6 +16,7 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
+from conftest import RunningSidecar
 from helpers import free_port, read_head, sidecar_yaml
 from support import eventually
 from tuned import breaker, tuned_sidecar
@@ -50,16 +51,22 @@ def config(
     """
 
 
-async def state(client: aiohttp.ClientSession, sc: Any, service: str = "pay") -> dict[str, Any]:
+async def state(
+    client: aiohttp.ClientSession, sc: RunningSidecar, service: str = "pay"
+) -> dict[str, Any]:
     async with client.get(f"{sc.admin_url}/admin/state") as resp:
-        return (await resp.json())["services"][service]
+        snapshot: dict[str, Any] = (await resp.json())["services"][service]
+        return snapshot
 
 
-async def breaker_state(client: aiohttp.ClientSession, sc: Any) -> dict[str, Any]:
-    return (await state(client, sc))["breaker"]
+async def breaker_state(client: aiohttp.ClientSession, sc: RunningSidecar) -> dict[str, Any]:
+    breaker: dict[str, Any] = (await state(client, sc))["breaker"]
+    return breaker
 
 
-async def until_state(client: aiohttp.ClientSession, sc: Any, wanted: str) -> dict[str, Any]:
+async def until_state(
+    client: aiohttp.ClientSession, sc: RunningSidecar, wanted: str
+) -> dict[str, Any]:
     """Poll /admin/state until the breaker reads `wanted` (bounded)."""
     for _ in range(200):
         snap = await breaker_state(client, sc)
@@ -75,11 +82,11 @@ async def get(client: aiohttp.ClientSession, url: str, **kwargs: Any) -> tuple[i
         return resp.status, resp.headers
 
 
-def trips(sc: Any, reason: str) -> float:
+def trips(sc: RunningSidecar, reason: str) -> float:
     return sc.sample("sidecar_circuit_breaker_trips_total", service="pay", reason=reason)
 
 
-def probes(sc: Any, result: str) -> float:
+def probes(sc: RunningSidecar, result: str) -> float:
     return sc.sample("sidecar_circuit_breaker_probes_total", service="pay", result=result)
 
 

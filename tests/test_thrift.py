@@ -58,7 +58,8 @@ def thrift_body(gen, pair: Any) -> bytes:
     """The HTTP body a THttpClient sends for add(pair): one TBinaryProtocol message."""
     buffer = TTransport.TMemoryBuffer()
     gen.Calculator.Client(TBinaryProtocol.TBinaryProtocol(buffer)).send_add(pair)
-    return buffer.getvalue()
+    body: bytes = buffer.getvalue()
+    return body
 
 
 async def test_a_call_round_trips_arguments_result_and_exceptions(

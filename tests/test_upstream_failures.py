@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
+import aiohttp
 from aiohttp import web
 from helpers import free_port, one_service, read_head
 
@@ -137,7 +138,9 @@ async def test_closing_mid_streamed_body_cuts_the_client_connection(
         assert resp.status == 200
 
 
-async def test_one_hanging_upstream_does_not_disturb_another(upstream, sidecar, client):
+async def test_one_hanging_upstream_does_not_disturb_another(
+    upstream, sidecar, client: aiohttp.ClientSession
+):
     async def hang(request: web.Request) -> web.StreamResponse:
         await asyncio.sleep(30)
         return web.Response()
@@ -165,7 +168,7 @@ async def test_one_hanging_upstream_does_not_disturb_another(upstream, sidecar, 
     assert await asyncio.gather(*pending) == [504] * 5
 
 
-async def test_max_requests_rejects_at_once(upstream, sidecar, client):
+async def test_max_requests_rejects_at_once(upstream, sidecar, client: aiohttp.ClientSession):
     release = asyncio.Event()
 
     async def held(request: web.Request) -> web.StreamResponse:

@@ -231,7 +231,8 @@ def make_case(index: int) -> FuzzCase:
     rng = random.Random(SEED * 1_000_003 + index)
     data, forced = base_response(rng, marker("c", index))
     data = mutate(rng, data, marker("g", index))
-    after: After = forced or rng.choices(["keep", "close", "reset"], [55, 35, 10])[0]
+    afters: list[After] = ["keep", "close", "reset"]
+    after = forced or rng.choices(afters, [55, 35, 10])[0]
     method = rng.choices(["GET", "POST"], [85, 15])[0]
     return FuzzCase(index, Reply(data, after=after), method)
 

@@ -46,7 +46,7 @@ async def tuned_sidecar(tmp_path: Path, body: str, edit: Edit) -> AsyncIterator[
     path.write_text(sidecar_yaml(body, listen, admin))
     config, _warnings = load_config(path)
     capture = _Capture()
-    writer = LineWriter(capture)  # type: ignore[arg-type]
+    writer = LineWriter(capture)
     sc = Sidecar(edit(config), log_writer=writer)
     await sc.start()
     try:

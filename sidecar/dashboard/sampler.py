@@ -17,14 +17,13 @@ import asyncio
 import logging
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterable
-from typing import Any, Final
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, Final, Protocol
 
 from prometheus_client.metrics import MetricWrapperBase
 
 from sidecar.dashboard.window import HISTORY, WINDOW, ServiceWindow, Totals
 from sidecar.metrics import DURATION_BUCKETS, Metrics
-from sidecar.runtime import Runtime
 
 log = logging.getLogger("sidecar.dashboard")
 
@@ -83,13 +82,20 @@ def read_totals(metrics: Metrics, services: Iterable[str]) -> dict[str, Totals]:
     }
 
 
+class ServicesLike(Protocol):
+    """What the sampler reads of the runtime (a `sidecar.runtime.Runtime`): its services."""
+
+    @property
+    def services(self) -> Mapping[str, object]: ...
+
+
 class Sampler:
     """Per-service windows over the registry, ticked by `run()` (or `tick()` in tests)."""
 
     def __init__(
         self,
         metrics: Metrics,
-        runtime: Callable[[], Runtime],
+        runtime: Callable[[], ServicesLike],
         *,
         interval: float = INTERVAL,
         clock: Callable[[], float] = time.monotonic,

@@ -26,6 +26,8 @@ from sidecar.config.model import (
     ServiceConfig,
 )
 from sidecar.metrics import Metrics
+from sidecar.resilience.breaker import ServiceBreaker
+from sidecar.vocab import BreakerState
 
 
 def free_port() -> int:
@@ -121,6 +123,13 @@ class HealthApp:
     async def _healthz(self, request: web.Request) -> web.Response:
         self.hits += 1
         return web.Response(status=self.status, text="ok" if self.status < 400 else "bad")
+
+
+def current_state(breaker: ServiceBreaker) -> BreakerState:
+    """The breaker's state now. Tests that follow it through changes read it through this
+    call: mypy keeps what an `assert breaker.state is CLOSED` narrowed across the calls
+    that change it, so a later `assert breaker.state is OPEN` would type as never true."""
+    return breaker.state
 
 
 def addresses(*texts: str) -> tuple[Address, ...]:

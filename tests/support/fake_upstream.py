@@ -68,6 +68,7 @@ from sidecar.upstream.base import (
     ConnectFailed,
     ConnectTimeout,
     UpstreamBroken,
+    UpstreamClient,
     UpstreamRequest,
 )
 from sidecar.vocab import TimeoutKind
@@ -241,7 +242,7 @@ class FakeResponse:
 
     def __init__(self, reply: Respond) -> None:
         self.status = reply.status
-        self.reason = reply.reason
+        self.reason: str | None = reply.reason
         self.headers: CIMultiDictProxy[str] = _fields(reply.headers)
         self._chunks = list(reply.chunks) if reply.chunks is not None else [reply.body]
         self._chunks = [c for c in self._chunks if c]
@@ -392,7 +393,8 @@ class LoopService:
         self.name = name
         self.cluster = cluster
         self.breaker = breaker
-        self.client = client
+        # As the seam's type: ServiceRuntimeLike.client is a plain (invariant) attribute.
+        self.client: UpstreamClient = client
         self.connect_timeout = connect_timeout
         self.idle_timeout = idle_timeout
         self.attempts: Counter[tuple[str, str]] = Counter()

@@ -14,7 +14,7 @@ import contextlib
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 import grpc
 import h2.config
@@ -62,15 +62,15 @@ class EchoService:
     release: asyncio.Event = field(default_factory=asyncio.Event)
 
     def _seen(self, name: str, context: grpc.aio.ServicerContext[Any, Any]) -> None:
-        metadata = [(m.key, m.value) for m in context.invocation_metadata() or ()]
+        metadata = [(key, value) for key, value in context.invocation_metadata() or ()]
         self.calls.append(SeenCall(name, metadata, context.time_remaining()))
 
     @staticmethod
     def _control(context: grpc.aio.ServicerContext[Any, Any]) -> dict[str, str]:
         return {
-            m.key: m.value
-            for m in context.invocation_metadata() or ()
-            if m.key.startswith("x-") and isinstance(m.value, str)
+            key: value
+            for key, value in context.invocation_metadata() or ()
+            if key.startswith("x-") and isinstance(value, str)
         }
 
     @staticmethod
@@ -193,10 +193,31 @@ async def grpc_server(**options: Any) -> AsyncIterator[GrpcServer]:
         await server.stop(0)
 
 
+@dataclass(frozen=True)
+class RawChannel:
+    """A grpcio channel whose calls carry raw bytes both ways: no (de)serializers, so
+    grpcio hands the messages through as they are (and the types say so)."""
+
+    channel: grpc.aio.Channel
+
+    def unary_unary(self, method: str) -> grpc.aio.UnaryUnaryMultiCallable[bytes, bytes]:
+        return self.channel.unary_unary(method)
+
+    def unary_stream(self, method: str) -> grpc.aio.UnaryStreamMultiCallable[bytes, bytes]:
+        return self.channel.unary_stream(method)
+
+    def stream_unary(self, method: str) -> grpc.aio.StreamUnaryMultiCallable[bytes, bytes]:
+        return self.channel.stream_unary(method)
+
+    def stream_stream(self, method: str) -> grpc.aio.StreamStreamMultiCallable[bytes, bytes]:
+        return self.channel.stream_stream(method)
+
+
 @contextlib.asynccontextmanager
-async def grpc_channel(address: str) -> AsyncIterator[grpc.aio.Channel]:
+async def grpc_channel(address: str) -> AsyncIterator[RawChannel]:
+    """An insecure grpcio channel to `address` for raw-bytes calls."""
     async with grpc.aio.insecure_channel(address) as channel:
-        yield channel
+        yield RawChannel(channel)
 
 
 # --------------------------------------------------------------------------- raw h2
@@ -372,7 +393,7 @@ class RawH2Client:
         cls,
         port: int,
         *,
-        settings: dict[int, int] | None = None,
+        settings: dict[h2.settings.SettingCodes, int] | None = None,
         preface: bool = True,
         rcvbuf: int | None = None,
     ) -> RawH2Client:
@@ -406,6 +427,11 @@ class RawH2Client:
 
     def write(self, data: bytes) -> None:
         self.writer.write(data)
+
+    def stop_reading(self) -> None:
+        """Read nothing more from the socket: what the server sends stays in the kernel."""
+        # open_connection's transport reads and writes; StreamWriter types it write-only.
+        cast(asyncio.Transport, self.writer.transport).pause_reading()
 
     async def read_some(self, timeout: float = 5.0) -> list[h2.events.Event]:
         """Whatever arrives next (at least one read), as h2 events."""

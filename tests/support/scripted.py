@@ -191,7 +191,7 @@ async def _read_body(reader: asyncio.StreamReader, headers: dict[str, str]) -> b
         return await reader.readexactly(int(headers["content-length"]))
     if headers.get("transfer-encoding", "").lower() != "chunked":
         return b""
-    parts = []
+    parts: list[bytes] = []
     while True:
         size_line = await reader.readuntil(b"\r\n")
         size = int(size_line.split(b";")[0].strip(), 16)

@@ -160,7 +160,7 @@ async def _read_body(reader: asyncio.StreamReader, method: str, answer: Answer) 
 
 
 async def _read_chunked(reader: asyncio.StreamReader, answer: Answer) -> bytes:
-    parts = []
+    parts: list[bytes] = []
     while True:
         line = await reader.readuntil(b"\r\n")
         size_text = line[:-2].split(b";")[0].strip()

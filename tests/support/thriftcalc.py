@@ -131,7 +131,8 @@ def aiohttp_handler(
     return handle
 
 
-class CheckedHttpClient(THttpClient.THttpClient):
+# thrift ships no types (the mypy override names it), so its classes are Any to mypy.
+class CheckedHttpClient(THttpClient.THttpClient):  # type: ignore[misc]
     """THttpClient that raises TTransportException for a non-200 answer, as Java's does."""
 
     def flush(self) -> None:
