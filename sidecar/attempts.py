@@ -32,7 +32,7 @@ from __future__ import annotations
 import asyncio
 import math
 from collections.abc import Awaitable, Callable
-from typing import Protocol
+from typing import Final, Protocol
 
 from sidecar.cluster import Cluster
 from sidecar.endpoint import Endpoint
@@ -44,6 +44,18 @@ from sidecar.resilience.retry import RetryPolicy, failure_reason, may_retry, ret
 from sidecar.upstream import Attempt, send
 from sidecar.upstream.base import UpstreamClient, UpstreamRequest
 from sidecar.vocab import BreakerState, Outcome, Reason, TimeoutKind
+
+# Enum members bound once: looking one up on its class (EnumType has __getattr__)
+# costs about twice a module global, on the path every request takes.
+_OPEN: Final = BreakerState.OPEN
+_CONNECT_ERROR: Final = Outcome.CONNECT_ERROR
+_RESET: Final = Outcome.RESET
+_RESPONSE: Final = Outcome.RESPONSE
+_TIMEOUT: Final = Outcome.TIMEOUT
+_CIRCUIT_OPEN: Final = Reason.CIRCUIT_OPEN
+_NO_HEALTHY_UPSTREAM: Final = Reason.NO_HEALTHY_UPSTREAM
+_PER_TRY: Final = TimeoutKind.PER_TRY
+_ROUTE: Final = TimeoutKind.ROUTE
 
 # Seconds on the time base of `Exchange.deadline` (the event loop's `time()` in production).
 Clock = Callable[[], float]
@@ -123,13 +135,13 @@ async def _attempts(
         endpoint = cluster.pick(tried)
         if endpoint is None:
             if ex.last is None:
-                ex.refused = Reason.NO_HEALTHY_UPSTREAM
+                ex.refused = _NO_HEALTHY_UPSTREAM
             return ex
         try:
             trial = breaker.admit()
         except CircuitOpen as exc:
             if ex.last is None:
-                ex.refused = Reason.CIRCUIT_OPEN
+                ex.refused = _CIRCUIT_OPEN
                 ex.retry_after = exc.retry_after
             return ex
 
@@ -174,10 +186,10 @@ async def _attempts(
         attempt.trial = trial
         ex.last = attempt  # the previous attempt was released before its retry
         tried.append(endpoint)
-        if attempt.kind is Outcome.TIMEOUT:
-            route.count_timeout(TimeoutKind.ROUTE if route_bound else TimeoutKind.PER_TRY)
+        if attempt.kind is _TIMEOUT:
+            route.count_timeout(_ROUTE if route_bound else _PER_TRY)
 
-        succeeded = attempt.kind is Outcome.RESPONSE and not _failed_head(breaker, attempt)
+        succeeded = attempt.kind is _RESPONSE and not _failed_head(breaker, attempt)
         if succeeded:
             # A success: judged once it is clear whether it is the answer (settled after
             # the relay, so a body that breaks counts as a reset) or retried (a status
@@ -190,17 +202,17 @@ async def _attempts(
         else:
             # Judged at once, so a failure that opens the breaker stops the retries.
             _judge(route, attempt, failed=True)
-        if attempt.kind is not Outcome.RESPONSE:
+        if attempt.kind is not _RESPONSE:
             _count(service, attempt, broken=False)
 
         retry = _retry_allowed(ex, attempt, route, breaker, now())
         if retry is None:
-            if attempt.kind is Outcome.RESPONSE:
+            if attempt.kind is _RESPONSE:
                 ex.unsettled = attempt
             return ex
         if succeeded:
             _judge(route, attempt, failed=False)
-        if attempt.kind is Outcome.RESPONSE:
+        if attempt.kind is _RESPONSE:
             _count(service, attempt, broken=False)
         attempt.release()
         ex.retries += 1
@@ -224,7 +236,7 @@ async def _send_streamed(
         async with asyncio.timeout(limit):
             return await send(client, endpoint, request, limit, service.connect_timeout, clock=now)
     except TimeoutError:
-        return Attempt(Outcome.TIMEOUT, endpoint, detail=f"no response within {limit * 1000:.0f}ms")
+        return Attempt(_TIMEOUT, endpoint, detail=f"no response within {limit * 1000:.0f}ms")
 
 
 def _retry_allowed(
@@ -235,14 +247,14 @@ def _retry_allowed(
     now: float,
 ) -> float | None:
     """The pause before a retry, or None when there is none to make."""
-    if not may_retry(ex, attempt, route.policy, breaker.state == BreakerState.OPEN):
+    if not may_retry(ex, attempt, route.policy, breaker.state == _OPEN):
         return None
     delay = retry_delay(ex, attempt, route.policy)
     if delay >= ex.deadline - now:
         return None
     # A connect failure reached no upstream, so retrying it adds no load: the budget,
     # which exists to cap extra load on a struggling service, is not spent on it.
-    if attempt.kind is not Outcome.CONNECT_ERROR and not route.budget.try_spend():
+    if attempt.kind is not _CONNECT_ERROR and not route.budget.try_spend():
         route.count_budget_exhausted()
         return None
     return delay
@@ -309,17 +321,17 @@ def _judge(
         if not failed:
             trial.success()
         elif detail is not None:
-            trial.failure(f"reset to {attempt.endpoint.key}: {detail}", Outcome.RESET)
+            trial.failure(f"reset to {attempt.endpoint.key}: {detail}", _RESET)
         else:
             trial.failure(failure_reason(attempt), attempt.kind)
     route.service.cluster.report(attempt.endpoint, not failed)
-    if attempt.kind is not Outcome.CONNECT_ERROR:
+    if attempt.kind is not _CONNECT_ERROR:
         route.budget.record_attempt(failed)
 
 
 def _count(service: ServiceRuntimeLike, attempt: Attempt, *, broken: bool) -> None:
     """sidecar_upstream_attempts_total; a relayed body that broke counts as a reset."""
-    service.count_attempt(attempt.endpoint.key, Outcome.RESET if broken else attempt.result_label)
+    service.count_attempt(attempt.endpoint.key, _RESET if broken else attempt.result_label)
 
 
 def app_caused(
@@ -341,13 +353,13 @@ def app_caused(
       timeout shorter than the route's own timeout and per-try timeout would.
     """
     kind = attempt.kind
-    if kind is Outcome.RESPONSE:
+    if kind is _RESPONSE:
         # A gRPC DEADLINE_EXCEEDED under a deadline only the app's own grpc-timeout (or
         # override) made shorter than the route's: the upstream kept the app's deadline.
         return attempt.head_grpc_status == Status.DEADLINE_EXCEEDED and apps_deadline(
             ex, started, timeout, per_try
         )
-    if kind is not Outcome.TIMEOUT and kind is not Outcome.RESET:
+    if kind is not _TIMEOUT and kind is not _RESET:
         return False
     attempt_deadline = started + timeout
     body = ex.body
@@ -357,7 +369,7 @@ def app_caused(
         and body.waiting_for_app_at(attempt_deadline)
     ):
         return True
-    return kind is Outcome.TIMEOUT and apps_deadline(ex, started, timeout, per_try)
+    return kind is _TIMEOUT and apps_deadline(ex, started, timeout, per_try)
 
 
 def apps_deadline(ex: Exchange, started: float, timeout: float, per_try: float | None) -> bool:

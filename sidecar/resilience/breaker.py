@@ -122,6 +122,22 @@ class Verdict(IntEnum):
     ABANDONED = 4  # cancelled before an outcome
 
 
+# Members bound once: looking one up on its class (EnumType has __getattr__) costs
+# about twice a module global, and admission and outcomes run on every attempt.
+_B_CLOSED: Final = BreakerState.CLOSED
+_B_HALF_OPEN: Final = BreakerState.HALF_OPEN
+_B_OPEN: Final = BreakerState.OPEN
+_O_RESPONSE: Final = Outcome.RESPONSE
+_T_CONSECUTIVE: Final = TripReason.CONSECUTIVE
+_T_FAILURE_RATE: Final = TripReason.FAILURE_RATE
+_T_SLOW_CALL: Final = TripReason.SLOW_CALL
+_V_ABANDONED: Final = Verdict.ABANDONED
+_V_FAILURE: Final = Verdict.FAILURE
+_V_IGNORED: Final = Verdict.IGNORED
+_V_PENDING: Final = Verdict.PENDING
+_V_SUCCESS: Final = Verdict.SUCCESS
+
+
 class Trial:
     """One admitted attempt. Resolve it exactly once: `success()`, `failure()`, `ignore()`
     or `abandon()`; on the request's last attempt, also call `request_done()`.
@@ -135,7 +151,7 @@ class Trial:
 
     def __init__(self, breaker: ServiceBreaker, epoch: int, half_open: bool, started: float):
         self._breaker = breaker
-        self.verdict = Verdict.PENDING
+        self.verdict = _V_PENDING
         # The breaker's state-change count at admission: outcomes only count in that state.
         self.epoch = epoch
         # True when this attempt holds one of the half-open trial slots.
@@ -145,12 +161,12 @@ class Trial:
 
     @property
     def resolved(self) -> bool:
-        return self.verdict is not Verdict.PENDING
+        return self.verdict is not _V_PENDING
 
     def success(self) -> None:
         """The upstream answered with a status that is not a failure status."""
-        if self._claim(Verdict.SUCCESS):
-            self._breaker.resolve_trial(self, None, Outcome.RESPONSE)
+        if self._claim(_V_SUCCESS):
+            self._breaker.resolve_trial(self, None, _O_RESPONSE)
 
     def failure(self, reason: str, kind: Outcome = Outcome.RESPONSE) -> None:
         """The attempt failed: `kind` is what happened, `reason` its text for operators
@@ -159,13 +175,13 @@ class Trial:
         It returns normally even when this failure trips the breaker: the attempt that trips
         it still returns the upstream's own response; only later attempts get `CircuitOpen`.
         """
-        if self._claim(Verdict.FAILURE):
+        if self._claim(_V_FAILURE):
             self._breaker.resolve_trial(self, reason, kind)
 
     def ignore(self) -> None:
         """The outcome is the app's doing (its own shorter deadline, its slow request body):
         it counts for no rule, and a half-open trial just frees its slot."""
-        if self._claim(Verdict.IGNORED):
+        if self._claim(_V_IGNORED):
             self._breaker.resolve_trial(self, None, None)
 
     def abandon(self) -> None:
@@ -176,7 +192,7 @@ class Trial:
         letting another through at once would let a client that keeps cancelling probe a
         sick service at full speed.
         """
-        if self._claim(Verdict.ABANDONED):
+        if self._claim(_V_ABANDONED):
             self._breaker.resolve_trial(self, None, None)
 
     def request_done(self) -> None:
@@ -185,7 +201,7 @@ class Trial:
         self._breaker.count_request(self)
 
     def _claim(self, verdict: Verdict) -> bool:
-        if self.verdict is not Verdict.PENDING:
+        if self.verdict is not _V_PENDING:
             return False
         self.verdict = verdict
         return True
@@ -230,13 +246,13 @@ class BreakerMetricsListener(pybreaker.CircuitBreakerListener):
             return  # pybreaker re-announces a state it re-reads from storage; not a change
         self._metrics.breaker_transitions.labels(service, from_state, to_state).inc()
         extra = {"service": service, "from_state": from_state, "to_state": to_state}
-        if to_state == BreakerState.OPEN:
+        if to_state == _B_OPEN:
             log.warning(
                 "circuit breaker for %s: %s -> %s (%s; last failure: %s; open for %.3gs)",
                 service,
                 from_state,
                 to_state,
-                breaker.trip_reason if from_state == BreakerState.CLOSED else "half-open trial",
+                breaker.trip_reason if from_state == _B_CLOSED else "half-open trial",
                 breaker.last_failure,
                 breaker.open_period,
                 extra=extra,
@@ -275,7 +291,7 @@ class ServiceBreaker:
         self._base_period = config.reset_timeout
         self._period_cap = max(config.open_period_cap, config.reset_timeout)
         # State.
-        self._state = BreakerState.CLOSED  # pybreaker's, mirrored by the tracker
+        self._state = _B_CLOSED  # pybreaker's, mirrored by the tracker
         self._epoch = 0  # bumped on every state change
         self._since = wall()  # wall clock: shown to operators as a UNIX timestamp
         self._consecutive = 0  # failed requests in a row (closed)
@@ -325,16 +341,16 @@ class ServiceBreaker:
         Half-open: admitted while fewer than `half_open_max_requests` trials are in flight.
         """
         state = self.state
-        if state is BreakerState.OPEN:
+        if state is _B_OPEN:
             remaining = self._open_until - self._clock()
             if remaining > 0:
-                raise self._reject(BreakerState.OPEN, remaining)
+                raise self._reject(_B_OPEN, remaining)
             self._cb.half_open()
-            state = BreakerState.HALF_OPEN
+            state = _B_HALF_OPEN
         started = self._clock() if self._slow_duration is not None else 0.0
-        if state is BreakerState.HALF_OPEN:
+        if state is _B_HALF_OPEN:
             if self._trials >= self.config.half_open_max_requests:
-                raise self._reject(BreakerState.HALF_OPEN, BUSY_RETRY_AFTER)
+                raise self._reject(_B_HALF_OPEN, BUSY_RETRY_AFTER)
             self._trials += 1
             return Trial(self, self._epoch, True, started)
         return Trial(self, self._epoch, False, started)
@@ -347,14 +363,14 @@ class ServiceBreaker:
 
     def end_open_period(self) -> bool:
         """Half-open the breaker if it is open and its open period has ended."""
-        if self.state is BreakerState.OPEN and self._clock() >= self._open_until:
+        if self.state is _B_OPEN and self._clock() >= self._open_until:
             self._cb.half_open()
             return True
         return False
 
     def probe_passed(self) -> bool:
         """A recovery probe passed: half-open the breaker now, if it is still open."""
-        if self.state is BreakerState.OPEN:
+        if self.state is _B_OPEN:
             self._cb.half_open()
             return True
         return False
@@ -367,7 +383,7 @@ class ServiceBreaker:
 
     def resolve_trial(self, trial: Trial, reason: str | None, kind: Outcome | None) -> None:
         verdict = trial.verdict
-        if verdict is Verdict.FAILURE:
+        if verdict is _V_FAILURE:
             # Informational, so kept even for a stale attempt: it is still this service's
             # most recent failure.
             self._last_failure = reason
@@ -379,14 +395,14 @@ class ServiceBreaker:
             return
         slow = (
             self._slow_duration is not None
-            and verdict in (Verdict.SUCCESS, Verdict.FAILURE)
+            and verdict in (_V_SUCCESS, _V_FAILURE)
             and self._clock() - trial.started > self._slow_duration
         )
         if trial.half_open:
             self._trials -= 1
             self._half_open_outcome(verdict, kind, slow)
-        elif verdict is Verdict.SUCCESS or verdict is Verdict.FAILURE:
-            self._closed_outcome(verdict is Verdict.FAILURE, kind, slow)
+        elif verdict is _V_SUCCESS or verdict is _V_FAILURE:
+            self._closed_outcome(verdict is _V_FAILURE, kind, slow)
 
     def _closed_outcome(self, failed: bool, kind: Outcome | None, slow: bool) -> None:
         bucket = self._window.advance()
@@ -414,28 +430,28 @@ class ServiceBreaker:
             and self._failure_rate is not None
             and totals[_FAILURES] >= self._failure_rate * calls - _EPSILON
         ):
-            reason = TripReason.FAILURE_RATE
+            reason = _T_FAILURE_RATE
         elif (
             slow
             and self._slow_rate is not None
             and totals[_SLOW] >= self._slow_rate * calls - _EPSILON
         ):
-            reason = TripReason.SLOW_CALL
+            reason = _T_SLOW_CALL
         if reason is None:
             return
         # This attempt trips the breaker, so it is its request's last: a failed request
         # that completes the run of failed requests makes the reason "consecutive".
         if failed and self._consecutive + 1 >= self._threshold:
-            reason = TripReason.CONSECUTIVE
+            reason = _T_CONSECUTIVE
         self._trip(reason)
 
     def _half_open_outcome(self, verdict: Verdict, kind: Outcome | None, slow: bool) -> None:
-        if verdict is Verdict.IGNORED:
+        if verdict is _V_IGNORED:
             return  # the slot is free again; the state waits for a trial that counts
-        if verdict is Verdict.ABANDONED:
+        if verdict is _V_ABANDONED:
             self._cb.open()  # same period: a cancelled trial is no evidence
             return
-        if verdict is Verdict.FAILURE or slow:
+        if verdict is _V_FAILURE or slow:
             self._period = min(self._period * 2, self._period_cap)
             self._transport_evidence = kind in TRANSPORT_FAILURES
             self._cb.open()
@@ -448,13 +464,13 @@ class ServiceBreaker:
         if trial.half_open or trial.epoch != self._epoch:
             return  # half-open is decided by its trials; stale requests count for nothing
         verdict = trial.verdict
-        if verdict is Verdict.SUCCESS:
+        if verdict is _V_SUCCESS:
             self._consecutive = 0
             self._run_transport = False
-        elif verdict is Verdict.FAILURE:
+        elif verdict is _V_FAILURE:
             self._consecutive += 1
             if self._consecutive >= self._threshold:
-                self._trip(TripReason.CONSECUTIVE)
+                self._trip(_T_CONSECUTIVE)
 
     def _trip(self, reason: TripReason) -> None:
         """closed -> open: the only change trips_total counts."""
@@ -470,12 +486,12 @@ class ServiceBreaker:
         self._trials = 0
         self._successes = 0
         self._since = self._wall()
-        if state is BreakerState.OPEN:
+        if state is _B_OPEN:
             self._open_until = self._clock() + self._period
             self._open_until_wall = self._since + self._period
         else:
             self._open_until_wall = None
-        if state is BreakerState.CLOSED:
+        if state is _B_CLOSED:
             self._period = self._base_period
             self._trip_reason = None
             self._transport_evidence = False
@@ -516,11 +532,11 @@ class ServiceBreaker:
     @property
     def open_until(self) -> float | None:
         """UNIX timestamp at which the current open period ends; None unless open."""
-        return self._open_until_wall if self.state is BreakerState.OPEN else None
+        return self._open_until_wall if self.state is _B_OPEN else None
 
     def open_remaining(self) -> float:
         """Seconds until the current open period ends (0 when not open, or ended)."""
-        if self.state is not BreakerState.OPEN:
+        if self.state is not _B_OPEN:
             return 0.0
         return max(0.0, self._open_until - self._clock())
 
@@ -555,10 +571,10 @@ class ServiceBreaker:
     def retry_after(self) -> float | None:
         """Seconds a call arriving now would be told to wait, or None if it would be admitted."""
         state = self.state
-        if state is BreakerState.OPEN:
+        if state is _B_OPEN:
             remaining = self._open_until - self._clock()
             return remaining if remaining > 0 else None
-        if state is BreakerState.HALF_OPEN and self._trials >= self.config.half_open_max_requests:
+        if state is _B_HALF_OPEN and self._trials >= self.config.half_open_max_requests:
             return BUSY_RETRY_AFTER
         return None
 
@@ -580,8 +596,8 @@ class ServiceBreaker:
             "open_period": self._period,
             "failures": self._consecutive,
             "failure_threshold": self._threshold,
-            "half_open_successes": self._successes if state is BreakerState.HALF_OPEN else 0,
-            "trials_in_flight": self._trials if state is BreakerState.HALF_OPEN else 0,
+            "half_open_successes": self._successes if state is _B_HALF_OPEN else 0,
+            "trials_in_flight": self._trials if state is _B_HALF_OPEN else 0,
             "retry_after": None if retry_after is None else round(retry_after, 3),
         }
 

@@ -43,10 +43,9 @@ def build_head(
 ) -> bytes:
     # Names and values come from aiohttp's server parser (no CR/LF possible) or from us;
     # surrogateescape gives back the exact bytes the app sent.
-    lines = [f"{method} {target} HTTP/1.1\r\nHost: {authority}\r\n"]
-    lines.extend(f"{name}: {value}\r\n" for name, value in headers)
-    lines.append(framing)
-    return "".join(lines).encode("utf-8", "surrogateescape")
+    fields = "".join([f"{name}: {value}\r\n" for name, value in headers])
+    head = f"{method} {target} HTTP/1.1\r\nHost: {authority}\r\n{fields}{framing}"
+    return head.encode("utf-8", "surrogateescape")
 
 
 class UpstreamPool:
