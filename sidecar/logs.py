@@ -16,7 +16,7 @@ import sys
 import threading
 import time
 from json.encoder import encode_basestring_ascii as _encode_str
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Final, Protocol
 
 if TYPE_CHECKING:
     from sidecar.request import AccessRecord
@@ -119,16 +119,22 @@ class _QueueLineHandler(logging.Handler):
 
 
 class AccessLog:
-    """One JSON line per proxied request, batched per event-loop iteration.
+    """One JSON line per proxied request, handed to the writer thread in batches.
 
     The line is built by hand (the keys are fixed; strings go through json's C escaper),
-    which costs a fraction of `json.dumps` on a dict; and the writer thread is woken once
-    per loop iteration for all lines finished in it, not once per line.
+    which costs a fraction of `json.dumps` on a dict. Lines wait up to `FLUSH_INTERVAL`
+    (or until `MAX_PENDING` of them) and go to the writer thread together: at low load a
+    flush per request woke that thread, and with it the loop's GIL hand-off, on every
+    request (two context switches each, measured with the bench's wake-up column).
     """
+
+    FLUSH_INTERVAL: Final = 0.05
+    MAX_PENDING: Final = 512
 
     def __init__(self, writer: LineWriter | None) -> None:
         self._writer = writer
         self._pending: list[str] = []
+        self._timer: asyncio.TimerHandle | None = None
 
     def emit(self, record: AccessRecord) -> None:
         if self._writer is None:
@@ -146,15 +152,23 @@ class AccessLog:
             f'"error":{"null" if error is None else enc(error)},'
             f'"ts":{time.time():.6f},"logger":"sidecar.access"}}\n'
         )
-        if not self._pending:
+        pending = self._pending
+        if not pending and self._timer is None:
             try:
-                asyncio.get_running_loop().call_soon(self._flush)
+                loop = asyncio.get_running_loop()
             except RuntimeError:  # no loop (a test calling emit directly): write now
                 self._writer.put(line)
                 return
-        self._pending.append(line)
+            self._timer = loop.call_later(self.FLUSH_INTERVAL, self.flush)
+        pending.append(line)
+        if len(pending) >= self.MAX_PENDING:
+            self.flush()
 
-    def _flush(self) -> None:
+    def flush(self) -> None:
+        """Hand every pending line to the writer thread now (shutdown, tests)."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         if self._writer is not None and self._pending:
             self._writer.put("".join(self._pending))
         self._pending = []

@@ -201,6 +201,8 @@ class Sidecar:
             await self._h2_pool.close()
         if self._admin_runner is not None:
             await self._admin_runner.cleanup()
+        if self._proxy is not None:
+            self._proxy.access_log.flush()  # the last lines, before the writer closes
         log.info("stopped")
 
     async def reload(self) -> dict[str, Any]:

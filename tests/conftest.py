@@ -209,7 +209,7 @@ class RunningSidecar:
             if self.sidecar.proxy.in_flight == 0:
                 break
             await asyncio.sleep(0.01)
-        await asyncio.sleep(0)
+        self.sidecar.proxy.access_log.flush()
         await asyncio.to_thread(self.writer.flush)
         return [e for e in self.capture.lines() if e.get("logger") == "sidecar.access"]
 

@@ -562,7 +562,8 @@ async def test_upstream_grpc_timeout_is_what_is_left(sidecar, route_extra, clien
         assert 1 <= millis(seen.header(b"grpc-timeout")) <= most
         assert seen.header(b"x-sidecar-attempt") == b"1"
         (call,) = up.service.calls
-        assert call.time_remaining is not None and 0 < call.time_remaining <= most / 1000
+        # grpc core keeps deadlines on a millisecond clock and rounds them up: allow it one.
+        assert call.time_remaining is not None and 0 < call.time_remaining <= most / 1000 + 0.002
 
 
 async def test_per_try_timeout_is_the_attempt_deadline(sidecar):
