@@ -13,11 +13,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import gc
 import logging
 import signal
 import time
 from collections.abc import Callable, Coroutine
-from typing import Any
+from typing import Any, Final
 
 from aiohttp import web
 
@@ -280,6 +281,7 @@ async def run(config: SidecarConfig, log_writer: LineWriter | None = None) -> in
             log.error("cannot start: %s", exc)
             await sidecar.stop()
             return 1
+        settle_heap()
         await sidecar.wait_stopped()
         log.info("stopping: draining for up to %ss", config.drain_timeout)
         await sidecar.stop()
@@ -288,6 +290,22 @@ async def run(config: SidecarConfig, log_writer: LineWriter | None = None) -> in
         await tasks.close()
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(sig)
+
+
+# Collect young objects after this many net container allocations instead of CPython's
+# 700: a request's garbage is freed by reference counting, and at 50 requests in flight the
+# default made the cyclic collector cost about 7 % of the instructions per request
+# (callgrind, bench config; with the settings below it is within 0.5 % of no collector).
+GC_THRESHOLDS: Final = (10_000, 20, 100)
+
+
+def settle_heap() -> None:
+    """After start-up: move what start-up built (modules, config, the runtime) out of the
+    collector's sight, and collect young objects less often. Only the served process does
+    this; an in-process sidecar (the tests) leaves its host's collector alone."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLDS)
 
 
 def new_event_loop() -> asyncio.AbstractEventLoop:
