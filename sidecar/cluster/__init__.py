@@ -225,6 +225,11 @@ class Cluster:
         """Record an attempt's outcome (feeds passive outlier detection)."""
         if self._outlier is None:
             return
+        if ok:
+            # A success only ends the endpoint's run of failures (harmless on an endpoint
+            # discovery removed): no lookup on the path nearly every attempt takes.
+            endpoint.ejection.failures = 0
+            return
         # An endpoint discovery already removed is not ours to eject any more.
         if self._by_address.get(endpoint.address) is not endpoint:
             return
