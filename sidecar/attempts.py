@@ -205,7 +205,7 @@ async def _attempts(
         if attempt.kind is not _RESPONSE:
             _count(service, attempt, broken=False)
 
-        retry = _retry_allowed(ex, attempt, route, breaker, now())
+        retry = _retry_allowed(ex, attempt, route, breaker, now(), tried)
         if retry is None:
             if attempt.kind is _RESPONSE:
                 ex.unsettled = attempt
@@ -245,11 +245,17 @@ def _retry_allowed(
     route: RouteRuntimeLike,
     breaker: ServiceBreaker,
     now: float,
+    tried: list[Endpoint],
 ) -> float | None:
     """The pause before a retry, or None when there is none to make."""
     if not may_retry(ex, attempt, route.policy, breaker.state == _OPEN):
         return None
-    delay = retry_delay(ex, attempt, route.policy)
+    if attempt.kind is _CONNECT_ERROR and _untried_left(route.service.cluster, tried):
+        # The request never left, and the retry goes to another endpoint: a pause would
+        # protect no one and only make the app wait.
+        delay = 0.0
+    else:
+        delay = retry_delay(ex, attempt, route.policy)
     if delay >= ex.deadline - now:
         return None
     # A connect failure reached no upstream, so retrying it adds no load: the budget,
@@ -258,6 +264,10 @@ def _retry_allowed(
         route.count_budget_exhausted()
         return None
     return delay
+
+
+def _untried_left(cluster: Cluster, tried: list[Endpoint]) -> bool:
+    return any(e.available and e not in tried for e in cluster.endpoints)
 
 
 def _retry_listed(ex: Exchange, attempt: Attempt, policy: RetryPolicy) -> bool:

@@ -777,3 +777,25 @@ async def test_a_listed_grpc_status_that_is_no_failure_is_retried_too(
     assert ex.attempts == 2
     done(route, ex)
     assert route.service.breaker.failure_rate == 0.0
+
+
+async def test_a_connect_failure_is_retried_on_another_endpoint_without_a_pause(
+    make_route: MakeRoute, client: ScriptedClient, run: Run, sleep: FakeSleep, seeded: int
+) -> None:
+    # The request never left: pausing would protect no one and only make the app wait.
+    route = make_route(endpoints=(EP1, EP2), breaker=QUIET)
+    client.script(Refuse(), Respond(200))
+    ex = await run(route)
+    assert ex.attempts == 2 and sleep.calls == []
+    assert [s.endpoint for s in client.sent] == [EP1, EP2]
+
+
+async def test_a_connect_failure_with_no_other_endpoint_backs_off(
+    make_route: MakeRoute, client: ScriptedClient, run: Run, sleep: FakeSleep, seeded: int
+) -> None:
+    route = make_route(endpoints=(EP1,), breaker=QUIET)
+    client.script(Refuse(), Respond(200))
+    ex = await run(route)
+    assert ex.attempts == 2
+    (pause,) = sleep.calls
+    assert 0 <= pause < 0.025  # the first retry's full-jitter ceiling, the default base
