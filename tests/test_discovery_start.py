@@ -131,3 +131,51 @@ async def test_a_cancelled_start_leaves_discovery_and_health_checks_running() ->
             await eventually(lambda: app.hits >= 2)  # the checker runs all the same
         finally:
             await cluster.close()
+
+
+async def test_a_runtime_starts_its_new_services_at_once(caplog: Any) -> None:
+    """Start-up (and every reload) waits for each dynamic service's first discovery answer;
+    one after another, three unreachable nameservers cost three such waits in a row.
+
+    Shown without timing: a nameserver that never answers sees all three services' queries
+    while no service has yet given up waiting (which each logs)."""
+    from sidecar.config.model import (
+        DnsDiscovery,
+        MatchConfig,
+        RouteConfig,
+        ServiceConfig,
+        SidecarConfig,
+    )
+    from sidecar.runtime import Runtime
+    from sidecar.upstream.h1 import UpstreamPool
+
+    queries: list[bytes] = []
+
+    class Silent(asyncio.DatagramProtocol):
+        def datagram_received(self, data: bytes, addr: Any) -> None:
+            queries.append(data)
+
+    loop = asyncio.get_running_loop()
+    transport, _ = await loop.create_datagram_endpoint(Silent, local_addr=("127.0.0.1", 0))
+    port = transport.get_extra_info("sockname")[1]
+    names = ("alpha", "bravo", "charlie")
+    services = {
+        n: ServiceConfig(
+            name=n,
+            discovery=DnsDiscovery(f"{n}.test", 80, "A", 10.0, (Address("127.0.0.1", port),)),
+        )
+        for n in names
+    }
+    routes = (RouteConfig(name="r", match=MatchConfig(prefix="/"), service="alpha"),)
+    pool = UpstreamPool()
+    runtime = Runtime(SidecarConfig(services=services, routes=routes), Metrics(), {"http1": pool})
+    caplog.set_level("WARNING", logger="sidecar.discovery")
+    starting = asyncio.ensure_future(runtime.start_new())
+    try:
+        await eventually(lambda: all(any(n.encode() in q for q in queries) for n in names))
+        assert not any("no discovery result" in r.getMessage() for r in caplog.records)
+    finally:
+        await starting
+        await runtime.close_all()
+        await pool.close()
+        transport.close()
