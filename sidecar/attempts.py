@@ -99,8 +99,8 @@ async def forward(
     and then calls `settle`.
 
     `sleep` waits out a back-off. `clock` is the time base of `ex.deadline` and of the
-    `deadline` handed to the upstream client; None (what the proxy passes) means the
-    running event loop's `time()`, which the wire clients' own timers run on. A test
+    `deadline` handed to the upstream client: the running event loop's `time()`, which the
+    wire clients' own timers run on (the proxy passes it; None looks it up). A test
     passes a fake clock together with a fake client and a fake sleep, so that the
     deadline arithmetic is exact and nothing waits.
     """

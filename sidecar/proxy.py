@@ -18,6 +18,7 @@ import logging
 import math
 import os
 import time
+from collections.abc import Callable
 from typing import Final
 
 from sidecar import errors
@@ -69,13 +70,14 @@ class Proxy:
         # Deadlines run on the loop's clock (asyncio.timeout uses it); durations on
         # perf_counter, because uvloop's loop.time() is cached per iteration at 1 ms.
         started = time.perf_counter()
-        start = asyncio.get_running_loop().time()
+        loop = asyncio.get_running_loop()
+        start = loop.time()
         self.in_flight += 1
         record = AccessRecord(inbound.method)
         record.grpc = is_grpc(inbound.headers.get("content-type"))
         route: RouteRuntime | None = None
         try:
-            route = await self._serve(inbound, out, record, start)
+            route = await self._serve(inbound, out, record, start, loop.time)
         except asyncio.CancelledError:
             # The app hung up (or shutdown cut the request): nginx's 499 says exactly that.
             record.status = 499
@@ -109,7 +111,12 @@ class Proxy:
         await asyncio.shield(self._idle)
 
     async def _serve(
-        self, inbound: Inbound, out: Responder, record: AccessRecord, start: float
+        self,
+        inbound: Inbound,
+        out: Responder,
+        record: AccessRecord,
+        start: float,
+        clock: Callable[[], float],
     ) -> RouteRuntime | None:
         """Route and admit the request; returns its route, if any, for the metrics."""
         headers = inbound.headers
@@ -198,7 +205,7 @@ class Proxy:
             ex.route_deadline = route_deadline
         service.in_flight += 1
         try:
-            await self._proxy(inbound, out, route, record, ex, host, trace)
+            await self._proxy(inbound, out, route, record, ex, host, trace, clock)
         finally:
             service.in_flight -= 1
         return route
@@ -212,6 +219,7 @@ class Proxy:
         ex: Exchange,
         host: str | None,
         trace: TraceContext,
+        clock: Callable[[], float],
     ) -> None:
         fault = route.fault
         if fault is not None:
@@ -262,7 +270,7 @@ class Proxy:
         ex.authority = _forwardable_host(host, app_host)
         ex.on_interim = out.send_interim
         try:
-            await forward(ex, route)
+            await forward(ex, route, clock=clock)
         finally:
             record.attempts = ex.attempts
         attempt = ex.last

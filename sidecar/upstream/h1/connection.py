@@ -322,12 +322,15 @@ class H1Connection(asyncio.Protocol):
     def on_header(self, name: bytes, value: bytes) -> None:
         if value and value[-1] in (32, 9):
             value = value.rstrip(b" \t")  # llhttp drops leading whitespace only
+        if self._state == _HEAD:
+            raw = self._raw
+            raw.append((name, value))
+            if len(raw) > MAX_FIELDS:
+                raise self._refuse(f"upstream sent more than {MAX_FIELDS} header fields")
+            return
         self._fields += 1
         if self._fields > MAX_FIELDS:
             raise self._refuse(f"upstream sent more than {MAX_FIELDS} header fields")
-        if self._state == _HEAD:
-            self._raw.append((name, value))
-            return
         self._field_bytes += len(name) + len(value) + 4
         if self._field_bytes > MAX_HEAD_BYTES:
             raise self._refuse(f"upstream trailers over {MAX_HEAD_BYTES} bytes")

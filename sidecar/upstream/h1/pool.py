@@ -59,6 +59,9 @@ class UpstreamPool:
         self.resolver = resolver if resolver is not None else HostCache()
         self.tasks = TaskOwner("upstream-h1")  # streamed request bodies being written
         self.connections_made = 0
+        # asyncio.get_running_loop() costs a getpid() syscall in Python 3.11; the pool
+        # looks the loop up once per loop it runs on.
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     # -- the pool ------------------------------------------------------------------------
 
@@ -71,11 +74,17 @@ class UpstreamPool:
         if len(idle) >= MAX_IDLE_PER_ENDPOINT:
             conn.close()
             return
-        loop = asyncio.get_running_loop()
+        loop = self._running_loop()
         conn.idle(loop.time())
         idle.append(conn)
         if self._sweep is None:
             self._sweep = loop.call_later(SWEEP_INTERVAL, self._expire_idle)
+
+    def _running_loop(self) -> asyncio.AbstractEventLoop:
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            loop = self._loop = asyncio.get_running_loop()
+        return loop
 
     def _take_idle(self, key: str, now: float) -> H1Connection | None:
         idle = self._idle.get(key)
@@ -178,7 +187,7 @@ class UpstreamPool:
             chunked = True
         method = request.method
         head = build_head(method, request.target, request.authority, request.headers, framing)
-        loop = asyncio.get_running_loop()
+        loop = self._running_loop()
         conn = self._take_idle(endpoint.key, loop.time())
         if conn is None:
             remaining = deadline - loop.time()
