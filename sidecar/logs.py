@@ -16,7 +16,7 @@ import sys
 import threading
 import time
 from json.encoder import encode_basestring_ascii as _encode_str
-from typing import TYPE_CHECKING, Any, Final, Protocol
+from typing import TYPE_CHECKING, Any, Final, Protocol, cast
 
 if TYPE_CHECKING:
     from sidecar.request import AccessRecord
@@ -66,7 +66,7 @@ class LineWriter:
                     batch = []
                     item.set()
                     break
-                batch.append(item)  # type: ignore[arg-type]
+                batch.append(cast(str, item))  # the queue holds lines and the two markers
                 if len(batch) >= 512:
                     break
                 try:

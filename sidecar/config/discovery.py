@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import stat
 from pathlib import Path
+from typing import cast
 from urllib.parse import urlsplit
 
 from sidecar.config.addresses import is_ip, valid_hostname
@@ -98,7 +99,7 @@ def dns(r: Reader, node: YNode, eff: str) -> DnsDiscovery | None:
 
     def record_of(n: YNode) -> DnsRecord | None:
         value = r.choice(n, DNS_RECORDS, upper=True)
-        return next((k for k in DNS_RECORDS if k == value), None)  # type: ignore[misc]
+        return cast(DnsRecord, value) if value in DNS_RECORDS else None  # checked just above
 
     def hostname(n: YNode) -> str | None:
         value = r.nonempty(n)

@@ -212,6 +212,7 @@ except ImportError:  # pragma: no cover - PyYAML built without libyaml
     from yaml.reader import Reader
     from yaml.scanner import Scanner
 
+    # mypy sees the libyaml branch's _Loader too, and PyYAML's pure classes are untyped.
     class _Loader(_BoundedComposer, Reader, Scanner, Parser, Resolver):  # type: ignore[no-redef, misc]
         def __init__(self, text: str) -> None:
             Reader.__init__(self, text)
@@ -375,6 +376,7 @@ def scalar_value(scalar: YScalar, env: Mapping[str, str]) -> object:
     text = scalar_text(scalar, env)
     tag = scalar.tag
     if scalar.plain and text != scalar.text:
+        # PyYAML's Resolver is untyped.
         tag = _resolver.resolve(ScalarNode, text, (True, False))  # type: ignore[no-untyped-call]
     if tag in _AS_TEXT:
         return text
