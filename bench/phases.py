@@ -24,6 +24,7 @@ from bench.configs import (
     haproxy_config,
     sidecar_config,
 )
+from bench.floor import FLOOR_CONFIG
 from bench.runner import (
     CLK_TCK,
     Proc,
@@ -254,6 +255,19 @@ class Bench:
         wait_ready(proc, port)
         return Target(name, port, proc, self.load_cpu)
 
+    def start_floor(self, origin: str) -> Target:
+        """`python -m bench.floor`: aiohttp's server and the leanest hop, on the proxy CPU."""
+        port = free_port()
+        proc = self.procs.start(
+            FLOOR_CONFIG,
+            [sys.executable, "-m", "bench.floor", "--port", str(port), "--upstream", origin],
+            cpu=self.proxy_cpu,
+            log_path=self.tmp / f"{FLOOR_CONFIG}.log",
+            cwd=REPO,
+        )
+        wait_ready(proc, port)
+        return Target(FLOOR_CONFIG, port, proc, self.load_cpu)
+
     def start_sidecar(
         self, name: str, spec: SidecarSpec, path_prefix: str = "", *, base: bool = False
     ) -> Target:
@@ -411,23 +425,27 @@ class Bench:
             ab: list[Target] = []
             if self.base is not None:
                 ab = [self.start_sidecar(BASE_CONFIG, SidecarSpec((origin,)), base=True)]
-            for t in main + ab:
+            # The yardstick: what the sidecar's server costs with the cheapest hop behind it.
+            floor = [self.start_floor(origin)]
+            for t in main + ab + floor:
                 expect_200(t.name, t.port)
             if "small" in wanted:
                 log(f"phase small: 6 B body, -c50, {s.small_rounds} x {s.small_duration}s")
-                self.interleaved("small", main + ab, "/", 50, s.small_duration, s.small_rounds)
+                self.interleaved(
+                    "small", main + ab + floor, "/", 50, s.small_duration, s.small_rounds
+                )
             if "c1" in wanted:
                 log(f"phase c1: 6 B body, -c1, {s.c1_rounds} x {s.c1_duration}s")
                 xcpu = Target("direct-xcpu", up_port, upstream, self.proxy_cpu)
                 self.interleaved(
                     "c1",
-                    [direct, xcpu, haproxy, sidecar, *ab],
+                    [direct, xcpu, haproxy, sidecar, *ab, *floor],
                     "/",
                     1,
                     s.c1_duration,
                     s.c1_rounds,
                 )
-            for t in ab:
+            for t in ab + floor:
                 self.procs.stop(t.proc)
             if "bodies" in wanted:
                 for body in ("16k", "1m"):

@@ -8,6 +8,7 @@ from typing import Any
 
 from bench.ab import BASE_CONFIG
 from bench.configs import SCALING_ROUTES
+from bench.floor import FLOOR_CONFIG
 
 MIB = 1048576
 ALPHA = 0.05  # below this one-sided p-value, the sidecar's extra failures are not chance
@@ -144,9 +145,9 @@ def compute_derived(
     direct = _med(summary, "c1", "direct", "p50")
     xcpu = _med(summary, "c1", "direct-xcpu", "p50")
     added: dict[str, dict[str, float | None]] = {}
-    for cfg in ("haproxy", "sidecar", BASE_CONFIG):
+    for cfg in ("haproxy", "sidecar", BASE_CONFIG, FLOOR_CONFIG):
         p50 = _med(summary, "c1", cfg, "p50")
-        if p50 is None and cfg == BASE_CONFIG:
+        if p50 is None and cfg in (BASE_CONFIG, FLOOR_CONFIG):
             continue
         added[cfg] = {
             "vs_direct_ms": None if p50 is None or direct is None else round(p50 - direct, 4),
@@ -157,7 +158,7 @@ def compute_derived(
         d[f"c1_added_ratio_{key}"] = _ratio(added["sidecar"][key], added["haproxy"][key])
     d["per_hop"] = {
         cfg: _per_hop(summary, runs, cfg)
-        for cfg in ("direct", "direct-xcpu", "haproxy", "sidecar", BASE_CONFIG)
+        for cfg in ("direct", "direct-xcpu", "haproxy", "sidecar", BASE_CONFIG, FLOOR_CONFIG)
         if cfg in summary.get("small", {}) or cfg in summary.get("c1", {})
     }
     d["small_rps_ratio"] = _ratio(
@@ -681,7 +682,7 @@ def markdown(result: dict[str, Any]) -> str:
         h_rps = _med(summary, "small", "haproxy", "rps")
         h_cpu = _med(summary, "small", "haproxy", "cpu_us_per_req")
         h_rss = (small.get("haproxy") or {}).get("vmhwm_mib")
-        for cfg in ("direct", "direct-xcpu", "haproxy", "sidecar", BASE_CONFIG):
+        for cfg in ("direct", "direct-xcpu", "haproxy", "sidecar", BASE_CONFIG, FLOOR_CONFIG):
             e, e1 = small.get(cfg), c1.get(cfg)
             if e is None and e1 is None:
                 continue
@@ -707,7 +708,9 @@ def markdown(result: dict[str, Any]) -> str:
         add(
             "Added p50 = proxy c1 p50 - direct c1 p50 (same-core direct / cross-core direct, "
             "where wrk runs on CPU 1 so the call crosses cores as a proxied one does). "
-            "For `direct` the CPU and RSS are the upstream's."
+            "For `direct` the CPU and RSS are the upstream's. `aiohttp-floor` "
+            "(`bench/floor.py`) is aiohttp's low-level server with the leanest possible hop "
+            "behind it and no features: the floor of a Python hop on the sidecar's server."
         )
         add("")
         _per_hop_table(add, derived, summary)

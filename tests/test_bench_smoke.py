@@ -62,8 +62,8 @@ def test_bench_smoke(tmp_path: Path, report: ModuleType) -> None:
 
     summary = result["summary"]
     expected = {
-        "small": {"direct", "haproxy", "sidecar"},
-        "c1": {"direct", "direct-xcpu", "haproxy", "sidecar"},
+        "small": {"direct", "haproxy", "sidecar", "aiohttp-floor"},
+        "c1": {"direct", "direct-xcpu", "haproxy", "sidecar", "aiohttp-floor"},
         "body16k": {"direct", "haproxy", "sidecar"},
         "body1m": {"direct", "haproxy", "sidecar"},
         "scaling": {"sidecar-1r-1ep", "sidecar-1000routes", "sidecar-100ep"},
