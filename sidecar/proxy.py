@@ -140,8 +140,8 @@ class Proxy:
             return None
         try:
             path = normalize_path(raw_path)
-        except BadPath as exc:
-            await self._error(out, record, Reason.BAD_REQUEST, detail=str(exc))
+        except BadPath as bad:
+            await self._error(out, record, Reason.BAD_REQUEST, detail=str(bad))
             return None
         if runtime.reject_escaped_slashes and has_escaped_slash(path):
             # A backend that decodes %2F would read another route's path (Envoy's
