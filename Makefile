@@ -4,7 +4,13 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 CONFIG ?= config/sidecar.yaml
 
-.PHONY: setup system-deps run test check lint types unit bench clean
+.PHONY: setup system-deps native run test check lint types unit unit-native bench clean
+
+# The request path compiled with mypyc into a copy of the package (scripts/build-native.sh):
+# what `make run`, the bench and the image run. The tree itself stays source only.
+NATIVE := build/native
+NATIVE_STAMP := $(NATIVE)/SOURCES
+SOURCES := $(shell find sidecar -type f ! -name '*.pyc' ! -path '*/__pycache__/*')
 
 setup: $(STAMP)
 
@@ -14,16 +20,22 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev]'
 	touch $(STAMP)
 
+native: $(NATIVE_STAMP)
+
+$(NATIVE_STAMP): $(STAMP) $(SOURCES) scripts/build-native.sh
+	bash scripts/build-native.sh $(NATIVE) $(PY)
+
 # Debian packages the tests run for real: etcd, dnsmasq, Prometheus (promtool).
 system-deps:
 	bash scripts/install-system-deps.sh test
 
 # Quick start 1: set up, start the demo upstreams, run the sidecar on the shipped config.
-run: setup
-	$(VENV)/bin/sidecar demo -c $(CONFIG)
+run: setup native
+	PYTHONPATH=$(CURDIR)/$(NATIVE) $(VENV)/bin/sidecar demo -c $(CONFIG)
 
-# Quick start 2: set up everything and run every check and test.
-test: setup system-deps check unit
+# Quick start 2: set up everything and run every check and test (the fast ones once more
+# against the compiled copy).
+test: setup system-deps check unit unit-native
 
 check: lint types
 
@@ -37,10 +49,13 @@ types: setup
 unit: setup
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
 
+unit-native: setup native
+	PYTHONPATH=$(CURDIR)/$(NATIVE) SIDECAR_EXPECT_NATIVE=1 $(VENV)/bin/pytest -m "not slow" $(PYTEST_ARGS)
+
 # make bench BASE=<rev>: an A/B of that revision (own worktree and venv) beside this tree.
-bench: setup
+bench: setup native
 	bash scripts/install-system-deps.sh bench
 	$(PY) -m bench $(if $(BASE),--base $(BASE)) $(BENCH_ARGS)
 
 clean:
-	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) $(NATIVE) .mypy_cache .ruff_cache .pytest_cache

@@ -25,6 +25,7 @@ from typing import Any
 
 from bench import ab, report
 from bench.grpc_row import GrpcRow
+from bench.native import current_native
 from bench.phases import PHASES, SCENARIOS, Bench, Settings, Tools, settings_dict
 from bench.runner import (
     Procs,
@@ -147,6 +148,9 @@ def run(argv: list[str] | None) -> int:
     tmp = Path(tempfile.mkdtemp(prefix="sidecar-bench-"))
     procs = Procs(tools.taskset)
     bench = Bench(settings, tools, tmp, procs, load_cpu, proxy_cpu)
+    bench.native = current_native(REPO)
+    if bench.native is None:
+        log("no current compiled copy (make native): the sidecar runs from source")
     base = ab.BaseTree(REPO, args.base) if args.base else None
     started = time.strftime("%Y-%m-%dT%H:%M:%S")
     wall0 = time.monotonic()
@@ -186,6 +190,7 @@ def run(argv: list[str] | None) -> int:
                 {"haproxy": tools.haproxy, "wrk": tools.wrk, "nginx": tools.nginx}
             ),
             "upstream": bench.upstream_kind,
+            "sidecar_build": "native" if bench.native is not None else "source",
             "load_cpu": load_cpu,
             "proxy_cpu": proxy_cpu,
             "pinned": tools.taskset is not None,

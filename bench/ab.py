@@ -69,9 +69,14 @@ def venv_key(pyproject: bytes) -> str:
 
 
 def dependencies(pyproject: bytes) -> list[str]:
-    """The runtime dependencies of a pyproject.toml (the base needs nothing else to run)."""
+    """The runtime dependencies of a pyproject.toml, and its `native` extra when it has one
+    (what compiling its request path needs); the base needs nothing else to run."""
     data = tomllib.loads(pyproject.decode())
-    deps = data.get("project", {}).get("dependencies", [])
+    project = data.get("project", {})
+    deps = [
+        *project.get("dependencies", []),
+        *project.get("optional-dependencies", {}).get("native", []),
+    ]
     return [str(d) for d in deps]
 
 
@@ -123,6 +128,7 @@ class BaseTree:
     path: Path = Path()
     python: Path = Path()
     removed: bool = False
+    native: Path | None = None  # its compiled copy, when the revision has the build
     info: dict[str, Any] = field(default_factory=dict)
 
     def add(self) -> None:
@@ -140,17 +146,32 @@ class BaseTree:
         log(f"A/B: base {self.rev} = {self.sha[:12]} in {self.path}")
         _git(self.repo, "worktree", "add", "--detach", str(self.path), self.sha)
         subject = _git(self.repo, "log", "-1", "--format=%s", self.sha)
+        # A revision that compiles its request path is measured compiled, as this tree is:
+        # the A/B then compares the code, not the two builds.
+        build = self.path / "scripts" / "build-native.sh"
+        self.native = None
+        if build.is_file():
+            log(f"A/B: compiling {self.rev}'s request path (scripts/build-native.sh)")
+            out = self.path / "build" / "native"
+            subprocess.run(
+                ["bash", str(build), str(out), str(self.python)],
+                capture_output=True,
+                timeout=900,
+                check=True,
+            )
+            self.native = out
         self.info = {
             "rev": self.rev,
             "sha": self.sha,
             "subject": subject,
             "venv": str(self.python.parent.parent),
             "head": head_description(self.repo),
+            "build": "native" if self.native is not None else "source",
         }
 
     def env(self) -> dict[str, str]:
         env = dict(os.environ)
-        env["PYTHONPATH"] = str(self.path)
+        env["PYTHONPATH"] = str(self.native or self.path)
         env.pop("VIRTUAL_ENV", None)
         return env
 

@@ -25,6 +25,7 @@ from bench.configs import (
     sidecar_config,
 )
 from bench.floor import FLOOR_CONFIG
+from bench.native import env_with
 from bench.runner import (
     CLK_TCK,
     Proc,
@@ -204,6 +205,7 @@ class Bench:
     extra: dict[str, Any] = field(default_factory=dict)
     upstream_kind: str = "nginx"
     base: BaseTree | None = None  # --base: the sidecar at that revision, beside this one
+    native: Path | None = None  # this tree's compiled copy (bench/native.py), when current
     report_lua: Path = Path()
     status_lua: Path = Path()
 
@@ -287,7 +289,7 @@ class Bench:
         *,
         base: bool = False,
     ) -> Target:
-        python, cwd, env = sys.executable, REPO, None
+        python, cwd, env = sys.executable, REPO, env_with(self.native)
         if base:
             assert self.base is not None
             python, cwd, env = str(self.base.python), self.base.path, self.base.env()

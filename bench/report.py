@@ -627,6 +627,17 @@ def markdown(result: dict[str, Any]) -> str:
     )
     add("")
     s = meta["settings"]
+    build = meta.get("sidecar_build", "source")
+    add(
+        f"Sidecar build: {build}"
+        + (
+            " (the request path compiled with mypyc, scripts/build-native.sh; "
+            "`sidecar@base` runs from source)."
+            if build == "native"
+            else " (interpreted; `make native` builds the compiled copy)."
+        )
+    )
+    add("")
     add(
         "Sidecar config: retries `max_retries: 3`, `retry_on: [connect-failure, reset, 503]`, "
         "`timeout: 2s`; the circuit breaker, the retry budget and outlier detection left "

@@ -279,6 +279,8 @@ class ImageInstall:
     env: dict[str, str]
     healthcheck: list[str]
     config_in_image: str
+    # Image paths the runtime stage copies from the build stage, and their local replays.
+    paths: dict[str, Path]
 
     def argv(self, config: Path) -> list[str]:
         exe = shutil.which(self.entrypoint[0], path=str(self.venv / "bin"))
@@ -289,7 +291,8 @@ class ImageInstall:
     def environ(self, config: Path) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "VIRTUAL"))}
         for key, value in self.env.items():
-            env[key] = str(config) if value == self.config_in_image else value
+            local = str(config) if value == self.config_in_image else value
+            env[key] = str(self.paths.get(local, local))
         env["PATH"] = f"{self.venv / 'bin'}{os.pathsep}{env.get('PATH', '')}"
         return env
 
@@ -336,6 +339,23 @@ def image_install(tmp_path_factory: pytest.TempPathFactory) -> ImageInstall:
         env=build_env,
     )
 
+    # The build stage's compile step (scripts/build-native.sh OUT PYTHON), with the test's
+    # interpreter, which has the compiler and the dependencies the stage installs.
+    paths: dict[str, Path] = {}
+    for inst in df.in_stage(0, "RUN"):
+        for part in inst.value.split("&&"):
+            argv = shlex.split(part)
+            if len(argv) == 4 and argv[:2] == ["bash", "scripts/build-native.sh"]:
+                paths[argv[2]] = tmp / "native"
+                _run(["bash", argv[1], str(tmp / "native"), sys.executable], cwd=context)
+    assert paths, "the build stage compiles the request path (scripts/build-native.sh)"
+    for inst in df.in_stage(df.final, "COPY"):
+        copy = shlex.split(inst.value)
+        if copy[0] == "--from=build":
+            src, dest = copy[1:]
+            assert src in paths, f"the runtime stage copies {src}, which no step replayed"
+            paths[dest] = paths[src]
+
     # The runtime stage: a fresh interpreter environment, then its `pip install` line.
     venv = tmp / "venv"
     _run([sys.executable, "-m", "venv", str(venv)], cwd=tmp)
@@ -354,6 +374,7 @@ def image_install(tmp_path_factory: pytest.TempPathFactory) -> ImageInstall:
         env=df.env(df.final),
         healthcheck=df.healthcheck(),
         config_in_image=cmd[cmd.index("-c") + 1],
+        paths=paths,
     )
 
 
@@ -500,6 +521,26 @@ async def test_image_healthcheck_command(image_install: ImageInstall, tmp_path: 
         assert await run_healthcheck(image_install, sidecar.admin) == 0, sidecar.output()
     # ...and it does fail when nothing answers: the sidecar has been killed by now.
     assert await run_healthcheck(image_install, sidecar.admin) != 0
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_image_runs_the_request_path_compiled(image_install: ImageInstall, tmp_path: Path) -> None:
+    # The image's environment and interpreter, with only the runtime dependencies installed:
+    # the compiled copy must import there, and win over the installed source.
+    python = image_install.venv / "bin" / "python"
+    probe = "import sidecar.proxy, sidecar.attempts; print(sidecar.proxy.__file__)"
+    result = subprocess.run(
+        [str(python), "-c", probe],
+        env=image_install.environ(tmp_path / "sidecar.yaml"),
+        cwd=tmp_path,  # not the source tree: `python -c` puts the working folder first
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip().endswith(".so"), result.stdout
 
 
 # --- 4. Kubernetes ---------------------------------------------------------------------------

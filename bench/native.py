@@ -1,0 +1,41 @@
+"""Which build of this tree's sidecar the bench runs: the compiled copy, when it is current.
+
+`make bench` builds `build/native` first (scripts/build-native.sh: the request path compiled
+with mypyc, in a copy of the package), and that is what `make run` and the image run too, so
+the bench measures it. The copy is used only when its recorded source hash is the tree's
+(scripts/source-hash.sh): a sidecar edited since the build is measured from source, and the
+report says which one ran.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+
+def current_native(repo: Path) -> Path | None:
+    """`repo/build/native` when it was built from the tree as it is now, else None."""
+    out = repo / "build" / "native"
+    recorded = out / "SOURCES"
+    if not recorded.is_file():
+        return None
+    result = subprocess.run(
+        ["bash", str(repo / "scripts" / "source-hash.sh")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    if result.returncode != 0 or result.stdout.strip() != recorded.read_text().strip():
+        return None
+    return out
+
+
+def env_with(native: Path | None) -> dict[str, str] | None:
+    """The environment that makes `python -m sidecar` import the compiled copy."""
+    if native is None:
+        return None
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(native)
+    return env

@@ -1,0 +1,66 @@
+"""The compiled build (scripts/build-native.sh): what it compiles, and that a run against it
+really imports the compiled modules.
+
+`make test` runs the fast tests a second time with PYTHONPATH at `build/native` and
+SIDECAR_EXPECT_NATIVE=1; then every module the script names must come from an extension
+module, and the copy must have been built from the tree's current sources.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.machinery
+import os
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = ROOT / "scripts" / "build-native.sh"
+EXPECT_NATIVE = os.environ.get("SIDECAR_EXPECT_NATIVE") == "1"
+
+
+def compiled_paths() -> list[str]:
+    text = SCRIPT.read_text()
+    block = re.search(r"^modules=\(\n(.*?)^\)", text, re.S | re.M)
+    assert block, "scripts/build-native.sh lists its modules in modules=( ... )"
+    return block.group(1).split()
+
+
+def module_name(path: str) -> str:
+    name = path.removesuffix(".py").replace("/", ".")
+    return name.removesuffix(".__init__")
+
+
+def test_the_script_names_existing_modules() -> None:
+    paths = compiled_paths()
+    assert paths, "no module to compile"
+    for path in paths:
+        assert (ROOT / path).is_file(), path
+        assert path.startswith("sidecar/") and path.endswith(".py"), path
+
+
+@pytest.mark.skipif(not EXPECT_NATIVE, reason="runs against the compiled copy (make unit-native)")
+def test_the_compiled_modules_are_the_ones_imported() -> None:
+    suffixes = tuple(importlib.machinery.EXTENSION_SUFFIXES)
+    for path in compiled_paths():
+        module = importlib.import_module(module_name(path))
+        assert str(module.__file__).endswith(suffixes), (path, module.__file__)
+
+
+@pytest.mark.skipif(not EXPECT_NATIVE, reason="runs against the compiled copy (make unit-native)")
+def test_the_compiled_copy_is_built_from_these_sources() -> None:
+    import sidecar
+
+    copy = Path(sidecar.__file__).resolve().parent.parent
+    assert copy != ROOT, "sidecar was imported from the source tree, not the compiled copy"
+    current = subprocess.run(
+        ["bash", str(ROOT / "scripts" / "source-hash.sh")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout.strip()
+    assert (copy / "SOURCES").read_text().strip() == current
