@@ -31,7 +31,13 @@ modules=(
     sidecar/proxy.py
 )
 
-python=$(command -v "$python")
+# Absolute, for the compile runs in the copy; a venv's python is not resolved further (that
+# would leave the venv).
+if [[ $python == */* ]]; then
+    python="$(cd "$(dirname "$python")" && pwd)/$(basename "$python")"
+else
+    python=$(command -v "$python")
+fi
 work="$out.tmp"
 rm -rf "$work"
 mkdir -p "$work"
