@@ -8,6 +8,8 @@ CONFIG ?= config/sidecar.yaml
 
 # The request path compiled with mypyc into a copy of the package (scripts/build-native.sh):
 # what `make run`, the bench and the image run. The tree itself stays source only.
+# PYTHONSAFEPATH=1 keeps `python -m sidecar` (the tests' subprocesses) from putting the
+# working folder, the source tree, before the copy.
 NATIVE := build/native
 NATIVE_STAMP := $(NATIVE)/SOURCES
 SOURCES := $(shell find sidecar -type f ! -name '*.pyc' ! -path '*/__pycache__/*')
@@ -50,7 +52,8 @@ unit: setup
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
 
 unit-native: setup native
-	PYTHONPATH=$(CURDIR)/$(NATIVE) SIDECAR_EXPECT_NATIVE=1 $(VENV)/bin/pytest -m "not slow" $(PYTEST_ARGS)
+	PYTHONPATH=$(CURDIR)/$(NATIVE) PYTHONSAFEPATH=1 SIDECAR_EXPECT_NATIVE=1 \
+		$(VENV)/bin/pytest -m "not slow" $(PYTEST_ARGS)
 
 # make bench BASE=<rev>: an A/B of that revision (own worktree and venv) beside this tree.
 bench: setup native

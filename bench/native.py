@@ -33,9 +33,21 @@ def current_native(repo: Path) -> Path | None:
 
 
 def env_with(native: Path | None) -> dict[str, str] | None:
-    """The environment that makes `python -m sidecar` import the compiled copy."""
+    """The environment that makes `python -m sidecar` import the compiled copy (run it from
+    the copy's folder too: `-m` puts the working folder first on the path)."""
     if native is None:
         return None
     env = dict(os.environ)
     env["PYTHONPATH"] = str(native)
+    env["PYTHONSAFEPATH"] = "1"
     return env
+
+
+def loads_from(pid: int, native: Path) -> bool:
+    """Whether process `pid` has mapped an extension module of the compiled copy."""
+    try:
+        maps = Path(f"/proc/{pid}/maps").read_text()
+    except OSError:
+        return False
+    prefix = str(native.resolve())
+    return any(prefix in line and ".so" in line for line in maps.splitlines())

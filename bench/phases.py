@@ -25,7 +25,7 @@ from bench.configs import (
     sidecar_config,
 )
 from bench.floor import FLOOR_CONFIG
-from bench.native import env_with
+from bench.native import env_with, loads_from
 from bench.runner import (
     CLK_TCK,
     Proc,
@@ -289,10 +289,16 @@ class Bench:
         *,
         base: bool = False,
     ) -> Target:
-        python, cwd, env = sys.executable, REPO, env_with(self.native)
+        # `python -m` puts its working folder first on the path: the compiled copy's own
+        # folder, so that it is what is imported, not the source tree.
+        python, cwd, env = sys.executable, self.native or REPO, env_with(self.native)
         if base:
             assert self.base is not None
-            python, cwd, env = str(self.base.python), self.base.path, self.base.env()
+            python, cwd, env = (
+                str(self.base.python),
+                self.base.native or self.base.path,
+                self.base.env(),
+            )
         # The access log (JSON on stdout) stays on and goes to /dev/null; stderr to a file.
         proc = self.procs.start(
             name,
@@ -303,6 +309,9 @@ class Bench:
             env=env,
         )
         wait_ready(proc, listen, http_path="/readyz", http_port=admin, timeout=30)
+        native = self.base.native if base and self.base is not None else self.native
+        if native is not None and not loads_from(proc.pid, native):
+            raise RuntimeError(f"{name} did not load the compiled modules of {native}")
         return Target(name, listen, proc, self.load_cpu, path_prefix, admin)
 
     # ------------------------------------------------------------------ measuring

@@ -631,8 +631,7 @@ def markdown(result: dict[str, Any]) -> str:
     add(
         f"Sidecar build: {build}"
         + (
-            " (the request path compiled with mypyc, scripts/build-native.sh; "
-            "`sidecar@base` runs from source)."
+            " (the request path compiled with mypyc, scripts/build-native.sh)."
             if build == "native"
             else " (interpreted; `make native` builds the compiled copy)."
         )
@@ -871,8 +870,9 @@ def _ab_section(add: Any, ab: dict[str, Any]) -> None:
     add("")
     add(
         f"Before: `{base['rev']}` = {base['sha'][:12]} ({base.get('subject', '')}), from a "
-        f"temporary worktree and its own venv. After: the working tree at "
-        f"{str(head.get('sha', ''))[:12]}{dirty}. Both in the same interleaved rounds."
+        f"temporary worktree and its own venv, run from {base.get('build', 'source')}. After: "
+        f"the working tree at {str(head.get('sha', ''))[:12]}{dirty}. Both in the same "
+        "interleaved rounds."
     )
     add("")
     add(

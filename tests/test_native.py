@@ -13,6 +13,7 @@ import importlib.machinery
 import os
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -64,3 +65,18 @@ def test_the_compiled_copy_is_built_from_these_sources() -> None:
         check=True,
     ).stdout.strip()
     assert (copy / "SOURCES").read_text().strip() == current
+
+
+@pytest.mark.skipif(not EXPECT_NATIVE, reason="runs against the compiled copy (make unit-native)")
+def test_a_subprocess_from_the_tree_imports_the_copy_too() -> None:
+    # What the tests' `python -m sidecar` processes see: started in the source tree, they
+    # must still import the compiled copy (PYTHONSAFEPATH=1 keeps the tree off the path).
+    result = subprocess.run(
+        [sys.executable, "-c", "import sidecar.proxy; print(sidecar.proxy.__file__)"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    assert result.stdout.strip().endswith(tuple(importlib.machinery.EXTENSION_SUFFIXES))
