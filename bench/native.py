@@ -18,8 +18,13 @@ def current_native(repo: Path) -> Path | None:
     """`repo/build/native` when it was built from the tree as it is now, else None."""
     out = repo / "build" / "native"
     recorded = out / "SOURCES"
-    if not recorded.is_file():
+    if not recorded.is_file() or recorded.read_text().strip() != source_hash(repo):
         return None
+    return out
+
+
+def source_hash(repo: Path) -> str:
+    """scripts/source-hash.sh's hash of the tree's sources ("" when it cannot run)."""
     result = subprocess.run(
         ["bash", str(repo / "scripts" / "source-hash.sh")],
         capture_output=True,
@@ -27,9 +32,7 @@ def current_native(repo: Path) -> Path | None:
         timeout=60,
         check=False,
     )
-    if result.returncode != 0 or result.stdout.strip() != recorded.read_text().strip():
-        return None
-    return out
+    return result.stdout.strip() if result.returncode == 0 else ""
 
 
 def env_with(native: Path | None) -> dict[str, str] | None:

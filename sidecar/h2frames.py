@@ -23,9 +23,10 @@ themselves instead of feeding them to `h2` (see above).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import asyncio
+from collections.abc import Callable, Iterator, Mapping
 from enum import IntEnum
-from typing import Final, NamedTuple
+from typing import Final, NamedTuple, Protocol
 
 from h2.errors import ErrorCodes
 from hyperframe.frame import GoAwayFrame
@@ -199,3 +200,19 @@ def goaway_bytes(last_stream_id: int, code: int, message: str = "") -> bytes:
         additional_data=message.encode("utf-8", "replace")[:256],
     )
     return bytes(frame.serialize())
+
+
+class Writer(Protocol):
+    """A stream that waits, on `window_event`, for flow-control window to send into."""
+
+    @property
+    def window_event(self) -> asyncio.Event: ...
+
+
+def wake_writers(streams: Mapping[int, Writer], stream_id: int) -> None:
+    """A WINDOW_UPDATE arrived: wake the writers it may unblock (stream 0: every one)."""
+    if not stream_id:
+        for stream in streams.values():
+            stream.window_event.set()
+    elif (one := streams.get(stream_id)) is not None:
+        one.window_event.set()

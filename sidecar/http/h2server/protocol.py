@@ -34,6 +34,7 @@ from sidecar.h2frames import (
     FrameReader,
     FrameType,
     RawFrame,
+    wake_writers,
 )
 from sidecar.http.base import Inbound, Responder
 from sidecar.http.h2server.fields import Malformed, _check_trailers, parse_request
@@ -237,13 +238,7 @@ class H2ServerProtocol(H2Output, asyncio.Protocol):
             if stream is not None:
                 self._remote_ended(stream)
         elif isinstance(event, h2.events.WindowUpdated):
-            if not event.stream_id:
-                for stream in self.streams.values():
-                    stream.window_event.set()
-            else:
-                stream = self.streams.get(event.stream_id)
-                if stream is not None:
-                    stream.window_event.set()
+            wake_writers(self.streams, event.stream_id)
         elif isinstance(event, h2.events.StreamReset):
             stream = self.streams.get(event.stream_id)
             if stream is not None:

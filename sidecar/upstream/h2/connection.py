@@ -25,7 +25,14 @@ from h2.errors import ErrorCodes
 from multidict import CIMultiDictProxy
 
 from sidecar.config.model import Http2Config
-from sidecar.h2frames import FrameError, FrameReader, FrameType, RawFrame, parse_goaway
+from sidecar.h2frames import (
+    FrameError,
+    FrameReader,
+    FrameType,
+    RawFrame,
+    parse_goaway,
+    wake_writers,
+)
 from sidecar.upstream.base import UpstreamBroken, UpstreamProtocolError
 from sidecar.upstream.h2.stream import (
     H2Response,
@@ -188,13 +195,7 @@ class _Connection(asyncio.Protocol):
             if stream is not None:
                 self._reset_by_peer(stream, event.error_code)
         elif isinstance(event, h2.events.WindowUpdated):
-            if not event.stream_id:
-                for stream in self.streams.values():
-                    stream.window_event.set()
-            else:
-                stream = self.streams.get(event.stream_id)
-                if stream is not None:
-                    stream.window_event.set()
+            wake_writers(self.streams, event.stream_id)
         elif isinstance(event, h2.events.RemoteSettingsChanged):
             codes = h2.settings.SettingCodes
             if codes.INITIAL_WINDOW_SIZE in event.changed_settings:
